@@ -1,0 +1,30 @@
+# Each target installs what it needs into .venv first (CPU torch pinned so no CUDA build is pulled).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+
+.PHONY: install test test-slow gate demo clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install  ## the fast suite (what .ci/run calls first)
+	$(PY) -m pytest -q -m "not slow and not gpu" -p no:cacheprovider
+
+test-slow: install  ## scale tests: large synthetic checkpoints, peak-RSS checks
+	$(PY) -m pytest -q -m "slow" -p no:cacheprovider
+
+gate: install  ## perplexity regression gate on the bundled model
+	$(VENV)/bin/qopt eval --check evals/baselines/gate.json
+
+demo: install  ## the main job: full precision vs int8 vs 4-bit on the bundled model
+	$(VENV)/bin/qopt eval --compare --windows 40
+
+clean:
+	rm -rf $(VENV) build *.egg-info

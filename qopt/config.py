@@ -1,0 +1,144 @@
+"""`OPTConfig`: Hugging Face `config.json` in and out, validated field by field."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+CONFIG_NAME = "config.json"
+_ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu", "swish", "tanh", "quick_gelu")
+
+
+@dataclass
+class OPTConfig:
+    """OPT hyper-parameters with the names and defaults of the HF docs (defaults = facebook/opt-125m)."""
+
+    vocab_size: int = 50272
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    ffn_dim: int = 3072
+    max_position_embeddings: int = 2048
+    do_layer_norm_before: bool = True
+    _remove_final_layer_norm: bool = False
+    word_embed_proj_dim: int | None = None
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    num_attention_heads: int = 12
+    activation_function: str = "relu"
+    layerdrop: float = 0.0
+    init_std: float = 0.02
+    use_cache: bool = True
+    pad_token_id: int = 1
+    bos_token_id: int = 2
+    eos_token_id: int = 2
+    enable_bias: bool = True
+    layer_norm_elementwise_affine: bool = True
+    tie_word_embeddings: bool = True
+    torch_dtype: str | None = None
+    num_labels: int = 2
+    problem_type: str | None = None
+    quantization_config: dict | None = None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.word_embed_proj_dim is None:
+            self.word_embed_proj_dim = self.hidden_size
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def validate(self, source: str = "OPTConfig") -> None:
+        """Reject values that would build a broken model, naming the field."""
+        positive = ("vocab_size", "hidden_size", "num_hidden_layers", "ffn_dim", "max_position_embeddings",
+                    "num_attention_heads", "word_embed_proj_dim", "num_labels")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{source}: field '{name}' must be a positive integer, got {value!r}")
+        for name in ("dropout", "attention_dropout", "layerdrop"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{source}: field '{name}' must be a number in [0, 1], got {value!r}")
+        for name in ("do_layer_norm_before", "_remove_final_layer_norm", "enable_bias",
+                     "layer_norm_elementwise_affine", "use_cache", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{source}: field '{name}' must be true or false, got {getattr(self, name)!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"{source}: field 'hidden_size' ({self.hidden_size}) must be divisible by "
+                              f"'num_attention_heads' ({self.num_attention_heads})")
+        if self.activation_function not in _ACTIVATIONS:
+            raise ConfigError(f"{source}: field 'activation_function' must be one of {_ACTIVATIONS}, "
+                              f"got {self.activation_function!r}")
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 0 <= value < self.vocab_size):
+                raise ConfigError(f"{source}: field '{name}' must be an id in [0, vocab_size={self.vocab_size}), "
+                                  f"got {value!r}")
+        if self.torch_dtype not in (None, "float32", "float16", "bfloat16"):
+            raise ConfigError(f"{source}: field 'torch_dtype' must be float32, float16 or bfloat16, "
+                              f"got {self.torch_dtype!r}")
+
+    # -- HF config.json -------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "OPTConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        model_type = data.get("model_type", "opt")
+        if model_type != "opt":
+            raise ConfigError(f"{source}: field 'model_type' is {model_type!r}, expected 'opt'")
+        known = {f.name for f in fields(cls)} - {"extra"}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        if "dtype" in data and "torch_dtype" not in data:  # transformers 5 renamed it
+            kwargs["torch_dtype"] = data["dtype"]
+        if "id2label" in data and "num_labels" not in data:
+            kwargs["num_labels"] = len(data["id2label"])
+        extra = {k: v for k, v in data.items() if k not in known and k not in ("dtype", "model_type")}
+        try:
+            config = cls(**kwargs, extra=extra)
+        except ConfigError as err:
+            raise ConfigError(str(err).replace("OPTConfig", source, 1)) from None
+        except TypeError as err:  # e.g. a string where a number belongs, caught in arithmetic
+            raise ConfigError(f"{source}: {err}") from None
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        extra = data.pop("extra")
+        data.pop("num_labels")
+        if self.quantization_config is None:
+            data.pop("quantization_config")
+        if self.problem_type is None:
+            data.pop("problem_type")
+        data.update({k: v for k, v in extra.items() if k not in data})
+        if self.num_labels != 2 or "id2label" in extra:
+            data.setdefault("id2label", {str(i): f"LABEL_{i}" for i in range(self.num_labels)})
+            data.setdefault("label2id", {f"LABEL_{i}": i for i in range(self.num_labels)})
+        data["model_type"] = "opt"
+        data.setdefault("architectures", ["OPTForCausalLM"])
+        return dict(sorted(data.items()))
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "OPTConfig":
+        """Read `config.json` from a checkpoint folder (or the file itself)."""
+        path = Path(path)
+        file = path / CONFIG_NAME if path.is_dir() else path
+        if not file.exists():
+            raise ConfigError(f"{file}: no config.json found; expected an OPT checkpoint folder")
+        try:
+            data = json.loads(file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{file}: not valid JSON ({err})") from None
+        return cls.from_dict(data, source=str(file))
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        from .checkpoint import atomic_write_text
+
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(folder) / CONFIG_NAME, json.dumps(self.to_dict(), indent=2) + "\n")

@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny random OPT checkpoints written by transformers (the test-only peer) or by qopt."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+TINY = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
+            max_position_embeddings=64, dropout=0.0, pad_token_id=1, bos_token_id=2, eos_token_id=2)
+VARIANTS = {
+    "pre_ln": {},
+    "post_ln_proj": dict(do_layer_norm_before=False, word_embed_proj_dim=32),
+    "no_bias": dict(enable_bias=False),
+    "no_ln_affine": dict(layer_norm_elementwise_affine=False),
+    "no_final_ln": dict(_remove_final_layer_norm=True, activation_function="gelu"),
+}
+
+
+def hf_config(**overrides):
+    from transformers import OPTConfig as HFOPTConfig
+
+    return HFOPTConfig(**{**TINY, **overrides})
+
+
+def make_hf_model(cls_name: str = "OPTForCausalLM", seed: int = 0, peaky: float = 1.0, **overrides):
+    """A random transformers OPT model in eval mode; `peaky` scales the tied embedding to avoid near-ties."""
+    import transformers
+
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls_name)(hf_config(**overrides)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layer_norm" in name and p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)  # non-trivial norms, so affine parity is tested
+        if peaky != 1.0:
+            model.get_input_embeddings().weight.mul_(peaky)
+    return model
+
+
+@pytest.fixture
+def hf_checkpoint(tmp_path):
+    """Write a transformers model to a temp folder; returns (folder, hf_model)."""
+
+    def write(cls_name: str = "OPTForCausalLM", **overrides):
+        model = make_hf_model(cls_name, **overrides)
+        folder = tmp_path / f"hf_{cls_name}"
+        model.save_pretrained(folder)
+        return folder, model
+
+    return write
+
+
+@pytest.fixture
+def tokenizer_dir():
+    from qopt.tokenizer import bundled_tokenizer_dir
+
+    return bundled_tokenizer_dir()
