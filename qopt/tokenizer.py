@@ -7,21 +7,17 @@ from __future__ import annotations
 
 import os
 import shutil
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
+from .bundled import bundled_tokenizer_dir
 from .errors import TokenizerError
 
 BUNDLED = "bundled"
 _FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
-
-
-def bundled_tokenizer_dir() -> Path:
-    return Path(str(resources.files("qopt") / "data" / "tokenizer"))
 
 
 class OPTTokenizer:

@@ -55,6 +55,6 @@ def hf_checkpoint(tmp_path):
 
 @pytest.fixture
 def tokenizer_dir():
-    from qopt.tokenizer import bundled_tokenizer_dir
+    from qopt.bundled import bundled_tokenizer_dir
 
     return bundled_tokenizer_dir()
