@@ -63,7 +63,7 @@ def load(path: str | os.PathLike, *, model_class: type[OPTPreTrainedModel] = OPT
                                       f"config.json implies {list(param.shape)}")
             if not tensor.dtype.is_floating_point:
                 raise CheckpointError(f"{shard}: tensor '{raw_name}' has dtype {tensor.dtype}, expected a float")
-            set_module_tensor_to_device(model, name, "cpu", value=tensor.to(dtype))
+            set_module_tensor_to_device(model, name, "cpu", value=tensor, dtype=dtype)
             loaded.add(name)
     _finish_missing(model, expected, loaded, path, dtype)
     model.tie_weights()
@@ -86,4 +86,4 @@ def _finish_missing(model: OPTPreTrainedModel, expected: dict[str, torch.nn.Para
         shape = expected[name].shape
         value = torch.zeros(shape) if name.endswith("bias") else \
             torch.randn(shape, generator=generator) * model.config.init_std
-        set_module_tensor_to_device(model, name, "cpu", value=value.to(dtype))
+        set_module_tensor_to_device(model, name, "cpu", value=value, dtype=dtype)
