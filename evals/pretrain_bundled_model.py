@@ -19,6 +19,7 @@ import torch
 
 from qopt import OPTConfig, OPTForCausalLM, OPTTokenizer
 from qopt.checkpoint import atomic_write_text
+from qopt.evaluation import wikitext_join
 
 MODEL = dict(vocab_size=50272, hidden_size=256, num_hidden_layers=6, ffn_dim=1024, num_attention_heads=4,
              max_position_embeddings=256, dropout=0.0, do_layer_norm_before=True, word_embed_proj_dim=256)
@@ -27,12 +28,6 @@ TRAIN_FILES = ["wikitext-2-tokenized/wiki.train.tokens"] + [
                                     "pg1661_adventures_of_sherlock_holmes.txt", "pg2701_moby_dick.txt",
                                     "pg84_frankenstein.txt", "tinyshakespeare_input.txt")]
 VALID_FILE = "wikitext-2-raw/wiki.valid.raw"
-
-
-def wikitext_join(text: str) -> str:
-    """The rows of a WikiText file joined as the HF dataset and GPTQ do ('\\n\\n', blank rows empty)."""
-    rows = ["" if line.strip() == "" else line for line in text.splitlines(keepends=True)]
-    return "\n\n".join(rows)
 
 
 def token_stream(tok: OPTTokenizer, data: Path, files: list[str]) -> torch.Tensor:

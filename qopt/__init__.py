@@ -2,15 +2,17 @@
 import logging as _logging
 
 
-class _DropKernelHubNotice(_logging.Filter):
-    """bitsandbytes logs a failed hub lookup at import and then uses its bundled kernel; users need not see it."""
+class _DropBitsandbytesNoise(_logging.Filter):
+    """bitsandbytes logs a failed hub lookup at import (then uses its bundled kernel) and a dtype-cast notice on
+    every int8 matmul; neither is actionable for a user."""
 
     def filter(self, record: _logging.LogRecord) -> bool:
-        return "kernels-community" not in record.getMessage()
+        message = record.getMessage()
+        return "kernels-community" not in message and not message.startswith("MatMul8bitLt: inputs will be cast")
 
 
-for _name in ("bitsandbytes", "bitsandbytes.backends.cpu.ops", ""):
-    _logging.getLogger(_name).addFilter(_DropKernelHubNotice())
+for _name in ("bitsandbytes", "bitsandbytes.backends.cpu.ops", "bitsandbytes.autograd._functions", ""):
+    _logging.getLogger(_name).addFilter(_DropBitsandbytesNoise())
 
 from .cache import KVCache  # noqa: E402
 from .config import OPTConfig  # noqa: E402

@@ -5,9 +5,11 @@ import ctypes
 import json
 import math
 import os
+import pickle
 import shutil
 import struct
-from collections.abc import Iterator
+import zipfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,8 @@ _ST_DTYPES = {"F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torc
               "BF16": (torch.bfloat16, 2), "I64": (torch.int64, 8), "I32": (torch.int32, 4),
               "I16": (torch.int16, 2), "I8": (torch.int8, 1), "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
               "F8_E4M3": (torch.float8_e4m3fn, 1), "F8_E5M2": (torch.float8_e5m2, 1)}
+_MAX_HEADER = 100_000_000  # the safetensors library's own limit
+_MAX_COUNT = 2**63 - 1  # dims and offsets torch can index
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,64 @@ class CheckpointFiles:
         return max(f.stat().st_size for f in self.shards)
 
 
+def _load_json(text: str) -> Any:
+    """json.loads that reports pathological nesting as the ValueError callers already handle."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_COUNT
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a "\\ud800" escape: the safetensors library refuses it
+        return False
+    return True
+
+
+def _header_entry(file: Path, name: str, entry: Any) -> tuple[TensorInfo, int, int]:
+    """One tensor's header entry, checked as strictly as the safetensors library checks it."""
+    if not _is_utf8(name):
+        raise CheckpointError(f"{file}: tensor name {name!r:.80} is not valid UTF-8 text")
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise CheckpointError(f"{file}: tensor '{name}' has a malformed header entry {entry!r:.200} "
+                              f"(expected dtype, shape and data_offsets)")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
+        raise CheckpointError(f"{file}: tensor '{name}' has unsupported dtype {dtype!r:.50} "
+                              f"(expected one of {', '.join(_ST_DTYPES)})")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise CheckpointError(f"{file}: tensor '{name}' has shape {shape!r:.100}, expected a list of "
+                              f"non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(x) for x in offsets):
+        raise CheckpointError(f"{file}: tensor '{name}' has data_offsets {offsets!r:.100}, expected two "
+                              f"non-negative integers")
+    torch_dtype, itemsize = _ST_DTYPES[dtype]
+    begin, end = offsets
+    if end - begin != math.prod(shape) * itemsize:
+        raise CheckpointError(f"{file}: tensor '{name}' header is inconsistent: shape {shape} of {dtype} needs "
+                              f"{math.prod(shape) * itemsize} bytes, data_offsets {begin}..{end} hold {end - begin}")
+    return TensorInfo(file, torch_dtype, tuple(shape)), begin, end
+
+
+def _check_coverage(file: Path, spans: list[tuple[int, int, str]], data_size: int) -> None:
+    """The tensors must tile the data area exactly (no gap, no overlap, nothing after), as safetensors requires."""
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin != position:
+            raise CheckpointError(f"{file}: tensor '{name}' starts at data byte {begin}, expected {position} "
+                                  f"(tensors overlap or leave a gap: corrupt header)")
+        position = end
+    if position != data_size:
+        raise CheckpointError(f"{file}: {data_size - position} data bytes after the last tensor are not described "
+                              f"by the header (corrupt file or appended data)")
+
+
 def read_safetensors_header(file: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and check one shard's header against the file's size, so truncation is caught before loading."""
     try:
@@ -63,54 +125,70 @@ def read_safetensors_header(file: Path) -> tuple[dict[str, TensorInfo], dict[str
             if len(head) < 8:
                 raise CheckpointError(f"{file}: truncated safetensors file ({size} bytes, no header)")
             (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > 100_000_000:
-                raise CheckpointError(f"{file}: corrupt safetensors header (declares {n} header bytes, "
-                                      f"file has {size})")
+            if n > size - 8 or n > _MAX_HEADER:
+                raise CheckpointError(f"{file}: truncated or corrupt safetensors file (its header declares {n} "
+                                      f"bytes, the file has {size})")
             raw = fh.read(n)
     except OSError as err:
-        raise CheckpointError(f"{file}: cannot read ({err.strerror})") from None
+        raise CheckpointError(f"{file}: cannot read ({err.strerror or err})") from None
     try:
-        header = json.loads(raw.decode("utf-8"))
-        if not isinstance(header, dict):
-            raise ValueError("not an object")
+        header = _load_json(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as err:
         raise CheckpointError(f"{file}: corrupt safetensors header ({err})") from None
-    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: corrupt safetensors header (a JSON {type(header).__name__}, "
+                              f"expected an object)")
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) and _is_utf8(k + v) for k, v in metadata.items()):
+        raise CheckpointError(f"{file}: corrupt safetensors header ('__metadata__' must map names to strings)")
     data_size = size - 8 - n
-    tensors = {}
+    tensors: dict[str, TensorInfo] = {}
+    spans = []
     for name, entry in header.items():
-        try:
-            dtype, itemsize = _ST_DTYPES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{file}: tensor '{name}' has a malformed header entry {entry!r}") from None
-        if any(d < 0 for d in shape) or end - begin != math.prod(shape) * itemsize or begin < 0:
-            raise CheckpointError(f"{file}: tensor '{name}' header is inconsistent (shape {list(shape)}, "
-                                  f"{entry['dtype']}, bytes {begin}..{end})")
+        info, begin, end = _header_entry(file, name, entry)
         if end > data_size:
             raise CheckpointError(f"{file}: truncated: tensor '{name}' ends at byte {end} but the file holds "
                                   f"{data_size} data bytes")
-        tensors[name] = TensorInfo(file, dtype, shape)
+        tensors[name] = info
+        spans.append((begin, end, name))
+    _check_coverage(file, spans, data_size)
     return tensors, metadata
 
 
+def _is_file_name(name: Any) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and "\0" not in name and _is_utf8(name) \
+        and Path(name).name == name
+
+
 def _read_index(index_file: Path) -> dict[str, str]:
+    """The index's weight_map: each tensor name mapped to the name of a shard file inside the folder."""
+    expected = "expected JSON with a 'weight_map' object of tensor name -> shard file name"
     try:
-        index = json.loads(index_file.read_text())
-        weight_map = index["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError
-    except (OSError, ValueError, KeyError, TypeError):
-        raise CheckpointError(f"{index_file}: not a valid index (expected JSON with a 'weight_map' object)") from None
+        index = _load_json(index_file.read_bytes().decode("utf-8"))
+    except OSError as err:
+        raise CheckpointError(f"{index_file}: cannot read ({err.strerror or err})") from None
+    except (UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(f"{index_file}: not valid JSON ({err}); {expected}") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_file}: no 'weight_map' or an empty one; {expected}")
+    for name, shard in weight_map.items():
+        if not _is_file_name(shard):
+            raise CheckpointError(f"{index_file}: tensor '{name}' is mapped to {shard!r:.100}, expected the name "
+                                  f"of a shard file inside the folder")
     return weight_map
 
 
 def inspect_checkpoint(folder: str | os.PathLike) -> CheckpointFiles:
-    """Find the weight files of a folder and validate index and headers."""
+    """Find the weight files of a folder and validate index and every header before any tensor is read."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such checkpoint folder")
+    if (folder / SAFE_INDEX).exists() and (folder / SAFE_WEIGHTS).exists():
+        # transformers reads the single file, an index-first reader the shards: one of them is stale
+        raise CheckpointError(f"{folder}: holds both {SAFE_WEIGHTS} and {SAFE_INDEX}, so it is unclear which "
+                              f"weights are current; remove the stale one")
     if (folder / SAFE_INDEX).exists() or (folder / SAFE_WEIGHTS).exists():
         fmt = "safetensors"
         index_file, single = folder / SAFE_INDEX, folder / SAFE_WEIGHTS
@@ -123,30 +201,74 @@ def inspect_checkpoint(folder: str | os.PathLike) -> CheckpointFiles:
     weight_map = _read_index(index_file) if index_file.exists() else None
     shards = sorted({folder / f for f in weight_map.values()}) if weight_map else [single]
     for shard in shards:
-        if not shard.exists():
-            raise CheckpointError(f"{shard}: shard named in {index_file.name} is missing")
+        if not shard.is_file():
+            named_by = index_file.name if weight_map else "the folder's layout"
+            raise CheckpointError(f"{shard}: shard named by {named_by} is missing")
     tensors: dict[str, TensorInfo] = {}
     metadata: dict[str, str] = {}
     if fmt == "safetensors":
         for shard in shards:
             found, meta = read_safetensors_header(shard)
+            twice = next(iter(found.keys() & tensors.keys()), None)
+            if twice is not None:
+                raise CheckpointError(f"{shard}: tensor '{twice}' is also in {tensors[twice].file.name}")
             tensors.update(found)
             metadata.update(meta)
-        if weight_map:
-            for name, file in weight_map.items():
-                if name not in tensors or tensors[name].file.name != Path(file).name:
-                    raise CheckpointError(f"{index_file}: tensor '{name}' is mapped to {file}, "
-                                          f"but that shard does not contain it")
+        for name, file in (weight_map or {}).items():
+            if name not in tensors or tensors[name].file.name != file:
+                raise CheckpointError(f"{index_file}: tensor '{name}' is mapped to {file}, "
+                                      f"but that shard does not contain it")
     return CheckpointFiles(folder, fmt, shards, tensors, metadata)
+
+
+def check_tensor_shapes(files: CheckpointFiles, expected: Mapping[str, Sequence[int]],
+                        rename: Callable[[str], str] = str) -> None:
+    """Compare header shapes and dtypes with the model's before any tensor data is read.
+
+    `expected` maps the model's names of floating-point tensors to their shapes; `rename` maps a checkpoint
+    key onto those names (e.g. `normalize_key`). Keys the model does not expect are left to the loader.
+    """
+    for raw_name, info in files.tensors.items():
+        shape = expected.get(rename(raw_name))
+        if shape is None:
+            continue
+        if info.shape != tuple(shape):
+            raise CheckpointError(f"{info.file}: tensor '{raw_name}' has shape {list(info.shape)}, "
+                                  f"config.json implies {list(shape)}")
+        if not info.dtype.is_floating_point:
+            raise CheckpointError(f"{info.file}: tensor '{raw_name}' has dtype {info.dtype}, expected a float")
+
+
+def _detail(err: BaseException) -> str:
+    """The line of a torch.load error that says what went wrong, without torch's advice to load unsafely."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation", "(1)", "(2)")
+    lines = [line.strip() for line in str(err).replace("WeightsUnpickler error:", "\n").splitlines()]
+    lines = [line for line in lines if line and not line.startswith(boilerplate)]
+    line = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else type(err).__name__)
+    return line.split(". ")[0].rstrip(".")
+
+
+def _load_bin(shard: Path) -> dict[str, torch.Tensor]:
+    """torch.load with weights_only=True: a pickle that would run code is refused, never executed."""
+    try:
+        state = torch.load(shard, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(shard))
+    except Exception as err:  # refused globals, zip or pickle corruption
+        detail = _detail(err)
+        if isinstance(err, pickle.UnpicklingError) and "GLOBAL" in detail:
+            raise CheckpointError(f"{shard}: refused: its pickle would run code or build objects other than "
+                                  f"tensors ({detail}); qopt reads .bin files only with torch.load(weights_only="
+                                  f"True), convert a trusted copy to safetensors") from None
+        raise CheckpointError(f"{shard}: unreadable .bin file ({detail})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise CheckpointError(f"{shard}: expected a dict of tensor name -> tensor, got {type(state).__name__}")
+    return state
 
 
 def iter_shard_tensors(files: CheckpointFiles, shard: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield one shard's tensors; safetensors are memory-mapped and each tensor read only when yielded."""
     if files.format == "bin":
-        try:
-            state = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as err:  # pickle refusing code, zip corruption: the message names the file
-            raise CheckpointError(f"{shard}: refused or unreadable with weights_only=True ({err})") from None
+        state = _load_bin(shard)
         for name in list(state):
             yield name, state.pop(name)
         return
@@ -157,7 +279,7 @@ def iter_shard_tensors(files: CheckpointFiles, shard: Path) -> Iterator[tuple[st
     except CheckpointError:
         raise
     except Exception as err:
-        raise CheckpointError(f"{shard}: cannot read ({err})") from None
+        raise CheckpointError(f"{shard}: cannot read ({_detail(err)})") from None
 
 
 def load_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -203,15 +325,32 @@ def _exchange(a: Path, b: Path) -> bool:
     return renameat2(at_fdcwd, bytes(a), at_fdcwd, bytes(b), rename_exchange) == 0
 
 
+def _is_weights_file(name: str) -> bool:
+    """Files a save owns: carrying them over from an older copy would mix two checkpoints."""
+    return name.endswith((".safetensors", ".bin", ".index.json")) or name == "config.json"
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush the staged files so a power loss after the swap cannot leave empty files behind."""
+    for path in [*folder.rglob("*"), folder]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def publish_folder(tmp: Path, folder: Path) -> None:
     """Put a fully written folder in place of `folder` so a kill at any moment leaves one complete copy.
 
-    Files of the old folder that the new one does not have (tokenizer files, a README) are carried over.
+    Other files of the old folder (tokenizer files, a README) are carried over; its weight files are not.
     """
     if folder.exists():
         for item in folder.iterdir():
-            if not (tmp / item.name).exists() and not item.name.startswith("."):
+            if not (tmp / item.name).exists() and not item.name.startswith(".") \
+                    and not _is_weights_file(item.name):
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        _fsync_tree(tmp)
         if _exchange(tmp, folder):
             shutil.rmtree(tmp)
             return
@@ -220,13 +359,27 @@ def publish_folder(tmp: Path, folder: Path) -> None:
         os.rename(tmp, folder)
         shutil.rmtree(old)
     else:
+        _fsync_tree(tmp)
         os.rename(tmp, folder)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def staging_folder(folder: Path) -> Path:
+    """A fresh sibling folder to write into; staging left by killed saves of this folder is removed."""
+    for stale in folder.parent.glob(f".{folder.name}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     return tmp
 
@@ -258,23 +411,45 @@ def write_safetensors_shards(state: dict[str, torch.Tensor], folder: Path, max_s
 
 
 def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict as HF writes it: tied lm_head left out, quantized modules in bitsandbytes' key layout."""
-    state = model.state_dict()
+    """The state dict as HF writes it: tied lm_head left out, quantized modules in the standard bitsandbytes
+    layout (the same bytes before and after a CPU repack, see `qopt.quantization.Linear4bit`), layers offloaded
+    to disk read back from their offload folder, plain tensors (no Params4bit / Int8Params subclasses)."""
+    from .offload import iter_offloaded_modules, offloaded_tensors
+
+    offloaded = offloaded_tensors(model)
+    prefixes = tuple(name + "." for name in iter_offloaded_modules(model))
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if prefixes and name.startswith(prefixes):
+            prefix = next(p for p in prefixes if name.startswith(p))
+            state.update({k: offloaded[k] for k in offloaded if k.startswith(prefix) and k not in state})
+            continue
+        if tensor.device.type == "meta":
+            raise CheckpointError(f"cannot save: tensor '{name}' was never loaded (it is on the meta device)")
+        state[name] = tensor.as_subclass(torch.Tensor) if type(tensor) is not torch.Tensor else tensor
     if getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" in state:
         del state["lm_head.weight"]
     return state
 
 
-def save_model(model: Any, folder: str | os.PathLike, max_shard_size: str | int = "2GB") -> None:
+def save_model(model: Any, folder: str | os.PathLike, max_shard_size: str | int = "2GB",
+               extra_files: Sequence[Path] = ()) -> None:
+    """config.json and safetensors shards (plus `extra_files`, e.g. tokenizer files) into `folder`, atomically."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = staging_folder(folder)
-    state = model_state_for_saving(model)
-    config = model.config
-    config.torch_dtype = str(model.dtype).removeprefix("torch.") if model.dtype.is_floating_point else None
-    config.extra["architectures"] = [type(model).__name__]
-    config.save_pretrained(tmp)
-    write_safetensors_shards(state, tmp, max_shard_size)
+    try:
+        state = model_state_for_saving(model)
+        config = model.config
+        config.torch_dtype = str(model.dtype).removeprefix("torch.") if model.dtype.is_floating_point else None
+        config.extra["architectures"] = [type(model).__name__]
+        config.save_pretrained(tmp)
+        write_safetensors_shards(state, tmp, max_shard_size)
+        for extra in extra_files:
+            shutil.copy2(extra, tmp / Path(extra).name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # the old folder, if any, is untouched
+        raise
     publish_folder(tmp, folder)
 
 

@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .cache import KVCache
 from .config import OPTConfig
+from .generation import GenerationMixin
 from .outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast, QuestionAnsweringModelOutput,
                       SequenceClassifierOutputWithPast)
 
@@ -53,6 +54,16 @@ def build_attention_mask(attention_mask: torch.Tensor, query_length: int, past_l
     return mask | empty
 
 
+def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+                           ) -> torch.Tensor:
+    """One query per row (a decode step) in 16 bits on CPU: fp32 matmuls here are 2-3x faster than SDPA's CPU
+    kernel, which also computes in fp32, so the result rounds the same way."""
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(dim=-1), v.float()).to(q.dtype)
+
+
 class OPTAttention(nn.Module):
     def __init__(self, config: OPTConfig, layer_idx: int) -> None:
         super().__init__()
@@ -82,16 +93,19 @@ class OPTAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         dropout = self.dropout if self.training else 0.0
-        mask = mask.to(q.device)
+        mask = mask.to(q.device) if mask is not None else None
         weights = None
         if output_attentions or layer_head_mask is not None:
             # eager path: softmax in fp32 so half-precision padded rows never overflow to NaN
             scores = torch.matmul(q, k.transpose(-1, -2)).float()
-            scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
             weights = F.dropout(scores.softmax(dim=-1).to(q.dtype), p=dropout, training=self.training)
             if layer_head_mask is not None:
                 weights = weights * layer_head_mask.view(1, -1, 1, 1).to(weights)
             out = torch.matmul(weights, v)
+        elif s == 1 and q.device.type == "cpu" and q.dtype != torch.float32 and not dropout:
+            out = single_query_attention(q, k, v, mask)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=1.0)
         out = out.transpose(1, 2).reshape(b, s, self.embed_dim)
@@ -237,6 +251,7 @@ class OPTDecoder(nn.Module):
         if cache is None and use_cache:
             cache = KVCache(len(self.layers))
         past = cache.get_seq_length() if cache is not None else 0
+        unpadded = attention_mask is None
         if attention_mask is None:
             attention_mask = torch.ones(batch, past + seq, dtype=torch.long, device=inputs_embeds.device)
         elif attention_mask.shape[1] != past + seq:
@@ -252,7 +267,8 @@ class OPTDecoder(nn.Module):
         pos_embeds = self.embed_positions(position_ids.to(self.embed_positions.weight.device))
         hidden_states = inputs_embeds + pos_embeds.to(inputs_embeds.device)
         hidden_states = F.dropout(hidden_states, p=self.dropout, training=self.training)
-        mask = build_attention_mask(attention_mask, seq, past)
+        # one new token per row with no padding sees every cached key: no mask to build (the decode step)
+        mask = None if unpadded and seq == 1 else build_attention_mask(attention_mask, seq, past)
         if head_mask is not None and head_mask.dim() == 1:
             head_mask = head_mask.unsqueeze(0).expand(len(self.layers), -1)
 
@@ -309,7 +325,7 @@ class _WithDecoder(OPTPreTrainedModel):
         return out, return_dict is not False
 
 
-class OPTForCausalLM(_WithDecoder):
+class OPTForCausalLM(_WithDecoder, GenerationMixin):
     def __init__(self, config: OPTConfig) -> None:
         super().__init__(config)
         self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)

@@ -20,6 +20,18 @@ BUNDLED = "bundled"
 _FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 
 
+def _raise_for_bad_text(texts: list[str]) -> None:
+    """Name the text and character the tokenizers library refused: a non-string or an unpaired surrogate."""
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"text {i}: expected str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(f"text {i}: unpaired surrogate U+{ord(text[err.start]):04X} at character {err.start} "
+                             f"is not valid Unicode (read such input with errors='replace')") from None
+
+
 class OPTTokenizer:
     bos_token, eos_token, pad_token, unk_token = "</s>", "</s>", "<pad>", "</s>"
 
@@ -63,11 +75,15 @@ class OPTTokenizer:
         return self.vocab_size
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=False).ids
-        return [self.bos_token_id] + ids if add_special_tokens else ids
+        return self.encode_batch([text], add_special_tokens)[0]
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
-        encoded = self._tok.encode_batch(texts, add_special_tokens=False)
+        try:  # one text skips the library's thread pool (which warns after a fork)
+            encoded = [self._tok.encode(texts[0], add_special_tokens=False)] if len(texts) == 1 else \
+                self._tok.encode_batch(texts, add_special_tokens=False)
+        except TypeError:  # the library's message ("TextInputSequence must be str") names neither text nor cause
+            _raise_for_bad_text(texts)
+            raise
         return [([self.bos_token_id] if add_special_tokens else []) + e.ids for e in encoded]
 
     def __call__(self, text: str | list[str], padding: bool | str = False, truncation: bool = False,
@@ -103,6 +119,10 @@ class OPTTokenizer:
     def decode(self, ids: list[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
+        negative = next((i for i, token in enumerate(ids) if token < 0), None)
+        if negative is not None:
+            raise ValueError(f"token id {ids[negative]} at position {negative} is negative; ids are in "
+                             f"[0, {self.vocab_size})")
         if skip_special_tokens:
             ids = [i for i in ids if i not in self.all_special_ids]
         return self._tok.decode(ids, skip_special_tokens=False)

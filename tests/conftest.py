@@ -1,12 +1,11 @@
 """Shared fixtures: tiny random OPT checkpoints written by transformers (the test-only peer) or by qopt."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(1)  # tiny test models run fastest single-threaded
 
 TINY = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
             max_position_embeddings=64, dropout=0.0, pad_token_id=1, bos_token_id=2, eos_token_id=2)

@@ -1,0 +1,110 @@
+"""QLoRA training step: qopt against transformers + peft on the same random checkpoint, in fresh processes.
+
+Usage:  python evals/bench_finetune.py [--shape small|125m] [--steps 10] [--threads 1]
+
+Each side runs in its own subprocess: load the checkpoint in NF4 (bf16 compute), prepare it for k-bit training
+(gradient checkpointing on), add LoRA r=8 on q_proj / v_proj, then time forward + backward + AdamW steps on
+batch x seq random tokens. Printed: median step time, tokens/s, trainable parameters and peak RSS above the
+RSS after imports (VmHWM, DECISIONS item 6), for both sides, and the ratios. Take timings on an idle machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHAPES = {"small": dict(hidden_size=256, num_hidden_layers=4, ffn_dim=1024, num_attention_heads=4),
+          "125m": dict(hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12)}
+
+
+def rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def run_side(side: str, folder: str, steps: int, batch: int, seq: int, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    if side == "ours":
+        import qopt
+        from qopt.lora import LoraConfig, add_lora, trainable_parameters
+        from qopt.training import prepare_for_kbit_training
+    else:
+        import peft
+        import transformers
+        from transformers.integrations import bitsandbytes  # noqa: F401  (imported lazily otherwise)
+    base_rss = rss_kib("VmRSS")
+    if side == "ours":
+        model = qopt.load(folder, quantization="nf4", torch_dtype=torch.bfloat16, progress=False)
+        prepare_for_kbit_training(model)
+        add_lora(model, LoraConfig(r=8, lora_alpha=16))
+        trainable = trainable_parameters(model)[0]
+    else:
+        quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                bnb_4bit_compute_dtype=torch.bfloat16)
+        model = transformers.OPTForCausalLM.from_pretrained(folder, quantization_config=quant, dtype=torch.bfloat16)
+        model = peft.prepare_model_for_kbit_training(model)
+        model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                                           task_type="CAUSAL_LM"))
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(3, 50000, (batch, seq), generator=torch.Generator().manual_seed(0))
+    times = []
+    for _ in range(steps + 1):  # the first step warms up and is not counted
+        start = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        times.append(time.perf_counter() - start)
+    step = statistics.median(times[1:])
+    return {"step_s": step, "tokens_per_s": batch * seq / step, "trainable": trainable,
+            "peak_rss_mib": (rss_kib("VmHWM") - base_rss) / 1024}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--side", choices=("ours", "peer"), help=argparse.SUPPRESS)  # the subprocess' role
+    ap.add_argument("--folder", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.side:
+        print(json.dumps(run_side(args.side, args.folder, args.steps, args.batch, args.seq, args.threads)))
+        return
+    import torch
+    import transformers
+
+    with tempfile.TemporaryDirectory() as folder:
+        torch.manual_seed(0)
+        config = transformers.OPTConfig(vocab_size=50272, max_position_embeddings=2048, **SHAPES[args.shape])
+        transformers.OPTForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+        results = {}
+        for side in ("ours", "peer"):
+            out = subprocess.run([sys.executable, __file__, "--side", side, "--folder", folder, "--steps",
+                                  str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq), "--threads",
+                                  str(args.threads)], capture_output=True, text=True, check=True)
+            results[side] = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"QLoRA step, OPT {args.shape} shape, NF4 + bf16 compute, r=8 q/v, batch {args.batch} x {args.seq}, "
+          f"{args.threads} thread(s)")
+    print(f"{'':10s} {'step s':>8s} {'tokens/s':>9s} {'trainable':>10s} {'peak RSS MiB':>13s}")
+    for side, r in results.items():
+        print(f"{side:10s} {r['step_s']:8.3f} {r['tokens_per_s']:9.0f} {r['trainable']:10,d} {r['peak_rss_mib']:13.0f}")
+    ours, peer = results["ours"], results["peer"]
+    print(f"ratio ours/peer: step time {ours['step_s'] / peer['step_s']:.2f}, "
+          f"peak RSS {ours['peak_rss_mib'] / peer['peak_rss_mib']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
