@@ -73,21 +73,22 @@ def main() -> None:
     sample = args.out / "calibration_sample.txt"
     sample.write_text(text, encoding="utf-8")
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    books = "\n".join(f"- *{title}* by {author} (`{Path(name).name}`)" for name, (title, author) in PROSE.items())
+    books = "\n".join(f"  - *{title}* by {author} (`{Path(name).name}`)"
+                      for name, (title, author) in PROSE.items())
     (args.out / "ATTRIBUTION.md").write_text(f"""# Calibration sample
 
-`calibration_sample.txt` ({len(text.encode('utf-8')):,} bytes, sha256 {digest}) holds {len(parts)} excerpts
-of about {args.chars} characters, shuffled and separated by blank lines, built by
-`calibration/build_calibration_set.py --excerpts {args.excerpts} --chars {args.chars} --wikitext-share
-{args.wikitext_share} --seed {args.seed}`. qopt uses it only to calibrate quantization (never for evaluation).
+`calibration_sample.txt` ({len(text.encode('utf-8')):,} bytes, sha256 {digest})
+holds {len(parts)} excerpts of about {args.chars} characters, shuffled and separated by blank lines, built by
+`python calibration/build_calibration_set.py --excerpts {args.excerpts} --chars {args.chars} --wikitext-share {args.wikitext_share} --seed {args.seed}`.
+qopt uses it only to calibrate quantization (`qopt quantize --method calibrated`), never for evaluation.
 
 - {n_wiki} excerpts from the **train** split of WikiText-2 (raw) (first 3,279 lines), by Stephen Merity,
   Caiming Xiong, James Bradbury and Richard Socher, "Pointer Sentinel Mixture Models" (2016), built from
   Wikipedia articles. License: Creative Commons Attribution-ShareAlike 3.0 (CC BY-SA 3.0),
   https://creativecommons.org/licenses/by-sa/3.0/. The excerpts are unchanged except that rows are joined
   with blank lines as in the Hugging Face dataset. The sample as a whole is shared under CC BY-SA 3.0.
-- {per_book} excerpts from each of these public-domain works (public domain in the USA, from Project
-  Gutenberg, without its licence header and footer; the Shakespeare text is Andrej Karpathy's tinyshakespeare
+- {per_book} excerpts from each of these works, public domain in the USA (Project Gutenberg texts without
+  Project Gutenberg's licence header and footer; the Shakespeare text is Andrej Karpathy's tinyshakespeare
   compilation of the plays):
 {books}
 """, encoding="utf-8")

@@ -4,8 +4,9 @@ Usage:
     python calibration/calibration_cost.py --shape bundled --windows 128 --seqlen 256
     python calibration/calibration_cost.py --shape opt-350m --windows 32 --seqlen 512   # random weights
 
-`--shape bundled` uses the shipped model; any other shape (opt-125m, opt-350m, opt-1.3b, ...) gets random
-weights written as a 16-bit checkpoint in a temporary folder (timing and memory do not depend on the values).
+`--shape bundled` uses the shipped model and a folder path uses that checkpoint; any other shape (opt-125m,
+opt-350m, opt-1.3b, ...) gets random weights written as a 16-bit checkpoint in a temporary folder (timing and
+memory do not depend on the values).
 The calibration runs in a fresh subprocess; peak RSS is its VmHWM minus its RSS right after the imports
 (DECISIONS 6), so the file-backed pages of the memory-mapped shards count while a layer is read.
 """
@@ -63,7 +64,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        path = bundled_model_dir() if args.shape == "bundled" else random_checkpoint(args.shape, Path(tmp))
+        if args.shape == "bundled" or Path(args.shape).is_dir():
+            path = bundled_model_dir() if args.shape == "bundled" else Path(args.shape)
+        else:
+            path = random_checkpoint(args.shape, Path(tmp))
         size = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
         child = {"path": str(path), "format": args.format, "windows": args.windows, "seqlen": args.seqlen,
                  "threads": args.threads}

@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import gc
-import logging
 import os
 import time
 from collections.abc import Callable
@@ -36,7 +35,6 @@ from .gptq import Grid, HessianAccumulator, RoundedWeight, StopForward, gptq_rou
 from .model import OPTForCausalLM
 from .quantization import QuantizationConfig, is_quantized, linear_from_quantized
 
-logger = logging.getLogger(__name__)
 LAYER_PREFIX = "model.decoder.layers."
 # linears that read the same input, in the order the data reaches them inside a decoder layer
 SEQUENTIAL_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",),
@@ -116,9 +114,9 @@ class ModuleReport:
     name: str
     quant_type: str  # nf4 | fp4 | int8 | 16-bit
     parameters: int
-    calibrated_error: float = 0.0  # mean squared output error on the calibration inputs
+    calibrated_error: float = 0.0  # squared output error (summed over outputs) per calibration token
     rtn_error: float = 0.0  # the same for plain round-to-nearest onto the same grid
-    reference_energy: float = 0.0  # mean squared output of the float weight (tr(W H W^T) / 2)
+    reference_energy: float = 0.0  # the same for the float output itself: tr(W H W^T) / 2
     seconds: float = 0.0
 
 
@@ -244,13 +242,14 @@ def _run_layer(layer: nn.Module, inputs: torch.Tensor, mask: torch.Tensor, batch
             out[start:start + batch] = result
 
 
-def calibrate(source: str | os.PathLike | OPTForCausalLM, windows: torch.Tensor,
+def calibrate(source: str | os.PathLike | OPTForCausalLM, windows: torch.Tensor | None = None,
               config: CalibrationConfig | None = None, *, progress: bool = True
               ) -> tuple[OPTForCausalLM, CalibrationReport]:
     """Quantize an OPT causal LM with GPTQ rounding onto bitsandbytes grids; returns (model, report).
 
     `source` is a checkpoint folder (streamed: one decoder layer in float at a time) or a float model in
-    memory (quantized in place). `windows` are (count, seqlen) token ids, e.g. from `calibration_windows`.
+    memory (quantized in place). `windows` are (count, seqlen) token ids (see `calibration_windows`); None
+    draws 128 windows of the model's context (at most 2048 tokens) from the shipped sample.
     """
     config = config or CalibrationConfig()
     started = time.perf_counter()
@@ -262,6 +261,9 @@ def calibrate(source: str | os.PathLike | OPTForCausalLM, windows: torch.Tensor,
     else:
         model, reader = _skeleton(Path(source), config.dtype)
     model.eval()
+    if windows is None:
+        windows = calibration_windows(seqlen=min(model.config.max_position_embeddings, 2048))
+    config = _outside_layers_stay_16bit(model, config)
     decoder = model.model.decoder
     report = CalibrationReport(windows=windows.shape[0], seqlen=windows.shape[1])
     with torch.no_grad():
@@ -304,6 +306,18 @@ def calibrate_checkpoint(path: str | os.PathLike, out: str | os.PathLike, config
     extras = [Path(path) / name for name in AUXILIARY_FILES if (Path(path) / name).is_file()]
     save_model(model, out, max_shard_size, extra_files=extras)
     return report
+
+
+def _outside_layers_stay_16bit(model: OPTForCausalLM, config: CalibrationConfig) -> CalibrationConfig:
+    """Linears outside the decoder layers (OPT-350M's project_in / project_out) stay 16-bit, as in GPTQ; say
+    so in the config, or a loader would expect them quantized."""
+    outside = {name: 16 for name, module in model.named_modules()
+               if isinstance(module, nn.Linear) and not name.startswith(LAYER_PREFIX)
+               and config.quantization.bits_for(name) != 16}
+    if not outside:
+        return config
+    merged = {**config.quantization.module_bits, **outside}
+    return dataclasses.replace(config, quantization=mixed_precision(config.quantization, merged))
 
 
 def _calibrate_layer(layer: nn.Module, prefix: str, hidden: torch.Tensor, mask: torch.Tensor,

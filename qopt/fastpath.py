@@ -108,14 +108,15 @@ def int8_matmul(a: torch.Tensor, codes_b: torch.Tensor, scales_b: torch.Tensor, 
     rows of the fp16-cast input quantized by their absmax after zeroing outliers (|x| >= threshold), an int8
     matmul, rescaling, and the outlier columns added back in the input's precision."""
     a16 = a.to(torch.float16)
+    magnitude = a16.abs()
     columns = None
     if threshold > 0.0:
-        outliers = a16.abs() >= threshold
+        outliers = magnitude >= threshold
         columns = torch.empty(0, dtype=torch.long, device=a.device)
         if outliers.any():
             columns = torch.argwhere(outliers.any(dim=0)).view(-1)
-            a16 = a16.masked_fill(outliers, 0)
-    row_scales = torch.max(a16.abs(), dim=1).values.float()
+            a16, magnitude = a16.masked_fill(outliers, 0), magnitude.masked_fill(outliers, 0)
+    row_scales = torch.max(magnitude, dim=1).values.float()
     codes_a = torch.round(a16 * (127.0 / row_scales.unsqueeze(-1))).to(torch.int8)
     if a.shape[0] > 1 and columns is not None:
         codes_a[:, columns] = 0

@@ -3,8 +3,9 @@
 `generate(model, input_ids, ...)` takes transformers' argument names and follows its semantics: greedy search,
 multinomial sampling (temperature, top-k, top-p), repetition penalty, beam search and beam sampling, contrastive
 search (Su et al., 2022), end tokens, stop strings and streaming. It returns prompt + new tokens, rows that finished
-early padded with `pad_token_id`. As in gpt-fast, `DecodeState.forward` runs the prompt once (prefill, the cache
-sized for prompt + max_new_tokens) and then one token per row per step; each strategy is a short loop over it.
+early padded with `pad_token_id`. As in gpt-fast, `DecodeState.prefill` runs the prompts once (the KV cache sized
+for prompt + max_new_tokens, each layer's buffer on that layer's device) and `DecodeState.decode_one_token` feeds
+one token per row; each strategy is a short loop over the two. `qopt.fastpath` trims the per-token overhead.
 """
 from __future__ import annotations
 
@@ -93,26 +94,29 @@ class DecodeState:
         self.padded = bool((attention_mask == 0).any())
         self.mask = attention_mask.new_ones(rows, width + max_new_tokens)
         self.mask[:, :width] = attention_mask
-        self.attended = attention_mask.sum(1, keepdim=True)  # positions count attended tokens only
+        self.attended = attention_mask.sum(1, keepdim=True)
         self.prompt_start = (attention_mask != 0).int().argmax(1, keepdim=True)  # first non-padding token
         self.cache = KVCache(model.config.num_hidden_layers, width + max_new_tokens) if use_cache else None
-        self.cached = 0  # tokens of each row already in the cache
 
-    def forward(self, sequences: torch.Tensor, length: int, hidden: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """fp32 logits for the token after `sequences[:, :length]`, and the new tokens' last hidden states."""
-        new = slice(self.cached, length) if self.cache is not None else slice(0, length)
-        positions = None
-        if new.start:  # after prefill: positions continue from each row's attended-token count
-            offsets = torch.arange(new.start - self.width, length - self.width, device=self.attended.device)
-            positions = self.attended + offsets
-        out = self.model(input_ids=sequences[:, new], attention_mask=self.mask[:, :length] if self.padded else None,
+    def prefill(self, sequences: torch.Tensor, hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the prompts once, filling the cache: fp32 logits for the first new token (and last hidden states)."""
+        return self._run(sequences[:, :self.width], self.width, None, hidden)
+
+    def decode_one_token(self, sequences: torch.Tensor, length: int, hidden: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Feed each row's newest token, `sequences[:, length - 1]` (without a cache: all tokens again)."""
+        if self.cache is None:
+            return self._run(sequences[:, :length], length, None, hidden)
+        positions = self.attended + (length - 1 - self.width)  # positions count attended tokens only
+        return self._run(sequences[:, length - 1:length], length, positions, hidden)
+
+    def _run(self, ids: torch.Tensor, length: int, positions: torch.Tensor | None, hidden: bool
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = self.model(input_ids=ids, attention_mask=self.mask[:, :length] if self.padded else None,
                          position_ids=positions, past_key_values=self.cache, use_cache=self.cache is not None,
                          logits_to_keep=1, output_hidden_states=hidden)
-        if self.cache is not None:
-            self.cached = length
-        logits = out.logits[:, -1].to(sequences.device, torch.float32)
-        return logits, (out.hidden_states[-1].to(sequences.device) if hidden else None)
+        logits = out.logits[:, -1].to(ids.device, torch.float32)
+        return logits, (out.hidden_states[-1].to(ids.device) if hidden else None)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep, repeat or permute rows (beam search, contrastive candidates)."""
@@ -191,9 +195,9 @@ def process_scores(scores: torch.Tensor, sequences: torch.Tensor, length: int, s
 def greedy_or_sample(state: DecodeState, sequences: torch.Tensor, end: int, config: GenerationConfig,
                      rows: _Rows, generator: torch.Generator | None) -> int:
     """Greedy search or multinomial sampling; returns the final length."""
+    logits, _ = state.prefill(sequences)
     length = state.width
-    while length < end:
-        logits, _ = state.forward(sequences, length)
+    while True:
         scores = process_scores(logits, sequences, length, state, config, warp=config.do_sample)
         if config.do_sample:
             tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
@@ -201,9 +205,9 @@ def greedy_or_sample(state: DecodeState, sequences: torch.Tensor, end: int, conf
             tokens = scores.argmax(-1)
         done = rows.push(sequences, length, tokens)
         length += 1
-        if done:
-            break
-    return length
+        if done or length == end:
+            return length
+        logits, _ = state.decode_one_token(sequences, length)
 
 
 def contrastive_search(state: DecodeState, sequences: torch.Tensor, end: int, config: GenerationConfig,
@@ -216,7 +220,7 @@ def contrastive_search(state: DecodeState, sequences: torch.Tensor, end: int, co
     k, alpha, length = config.top_k, float(config.penalty_alpha), state.width
     batch = sequences.shape[0]
     first = torch.arange(batch, device=sequences.device)
-    logits, context = state.forward(sequences, length, hidden=True)
+    logits, context = state.prefill(sequences, hidden=True)
     context = F.normalize(context.float(), dim=-1)
     while length < end:
         scores = process_scores(logits, sequences, length, state, config, warp=False)
@@ -225,7 +229,7 @@ def contrastive_search(state: DecodeState, sequences: torch.Tensor, end: int, co
         state.reorder(expand)
         candidates = sequences.index_select(0, expand)
         candidates[:, length] = top_ids.reshape(-1)
-        cand_logits, cand_hidden = state.forward(candidates, length + 1, hidden=True)
+        cand_logits, cand_hidden = state.decode_one_token(candidates, length + 1, hidden=True)
         cand_hidden = F.normalize(cand_hidden[:, -1:].float(), dim=-1)
         cosine = (context.repeat_interleave(k, 0) @ cand_hidden.transpose(1, 2)).squeeze(-1)
         cosine = cosine.masked_fill(state.mask[:, :length].to(cosine.device) == 0, float("-inf"))
@@ -265,9 +269,9 @@ def beam_search(state: DecodeState, prompt: torch.Tensor, end: int, config: Gene
     done_origin = run_origin.clone()
     offsets = torch.arange(batch, device=device)[:, None] * beams
     length = width
+    logits, _ = state.prefill(prompt)
     while True:
         flat = running[:, :, :length].reshape(batch * beams, length)
-        logits, _ = state.forward(flat, length)
         log_probs = process_scores(logits.log_softmax(-1), flat, length, state, config, config.do_sample, n_eos + 1)
         vocab = log_probs.shape[-1]
         total = (log_probs.view(batch, beams, vocab) + run_scores[:, :, None]).view(batch, beams * vocab)
@@ -305,6 +309,7 @@ def beam_search(state: DecodeState, prompt: torch.Tensor, end: int, config: Gene
         stop_all = finished.all() & (config.early_stopping is True)
         if not bool(improvable.any() & ~stop_all & ~hits.all()):
             break
+        logits, _ = state.decode_one_token(running[:, :, :length].reshape(batch * beams, length), length)
     n = config.num_return_sequences
     done_seqs = done_seqs[:, :n].reshape(batch * n, end)
     generated = int((done_origin[:, :n] >= 0).sum(-1).max())

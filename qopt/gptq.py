@@ -50,7 +50,6 @@ class RoundedWeight:
     codes: torch.Tensor  # (out, in): uint8 positions in the sorted 4-bit code, or int8 values
     scales: torch.Tensor  # fp32 (out, in // blocksize) absmax for 4-bit (after double quant), (out,) SCB for int8
     dequantized: torch.Tensor  # fp32 (out, in): exactly what bitsandbytes dequantizes the stored bytes to
-    loss: float  # GPTQ's objective: sum over rows of (w - q)^2 / (2 [H^-1]_qq), the output-error estimate
     absmax_before_dq: torch.Tensor | None = None  # 4-bit: the absmax the double quantization compressed
 
     def packed(self) -> torch.Tensor:
@@ -246,7 +245,6 @@ def _gptq_pass(w: torch.Tensor, factor: torch.Tensor | None, grid: Grid, block_c
     codes = torch.zeros(rows, cols, dtype=torch.uint8 if four_bit else torch.int8)
     q_all = torch.zeros_like(w)
     scales = static.clone() if static is not None else torch.zeros(rows, cols // grid.blocksize)
-    loss = 0.0
     for i1 in range(0, cols, block_columns):
         i2 = min(i1 + block_columns, cols)
         w1 = w[:, i1:i2].clone()
@@ -267,14 +265,13 @@ def _gptq_pass(w: torch.Tensor, factor: torch.Tensor | None, grid: Grid, block_c
                 continue
             d = hinv1[i, i]
             err = (w1[:, i] - q) / d
-            loss += float((err * err).sum()) / 2
             w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
             err1[:, i] = err
         if factor is not None and i2 < cols:
             w[:, i2:] -= err1 @ factor[i1:i2, i2:]
     dequantized = torch.empty_like(q_all)
     dequantized[:, order] = q_all
-    return RoundedWeight(grid, codes, scales, dequantized, loss)
+    return RoundedWeight(grid, codes, scales, dequantized)
 
 
 def output_error(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor) -> float:

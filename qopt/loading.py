@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import init_empty_weights
 from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 from accelerate.utils import set_module_tensor_to_device
 from tqdm.auto import tqdm
@@ -27,14 +27,15 @@ from .config import OPTConfig
 from .errors import CheckpointError, ConfigError
 from .model import OPTForCausalLM, OPTModel, OPTPreTrainedModel
 from .offload import OffloadFolder, attach_disk_hooks, check_offloadable
-from .planning import DeviceMap, device_of, infer_device_map, summarize
-from .quantization import (QuantizationConfig, is_quantized, quantize_weight, saved_keys, set_quantized_state,
-                           swap_linears_on_meta)
+from .planning import DeviceMap, device_of, infer_device_map, meta_model, summarize
+from .quantization import (QuantizationConfig, bits_of, is_quantized, owning_module, quantize_weight,
+                           saved_keys, set_quantized_state)
 
 logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 _HEAD_PREFIXES = ("score.", "qa_outputs.")  # task heads a causal-LM checkpoint does not have
+_LAYER_KEY = re.compile(r"(?:^|\.)decoder\.layers\.(\d+)\.")
 
 
 def resolve_dtype(torch_dtype: str | torch.dtype | None, config: OPTConfig) -> torch.dtype:
@@ -67,17 +68,6 @@ def resolve_quantization(requested: Any, config: OPTConfig, source: str) -> tupl
     return stored, True
 
 
-def build_on_meta(model_class: type[OPTPreTrainedModel], config: OPTConfig,
-                  quantization: QuantizationConfig | None) -> OPTPreTrainedModel:
-    """The model on the meta device, tied, with each quantized Linear already its (empty) bitsandbytes module."""
-    with init_empty_weights(include_buffers=False):
-        model = model_class(config)
-    model.tie_weights()  # init_empty_weights re-creates each assigned parameter, which unties the head
-    if quantization is not None:
-        swap_linears_on_meta(model, quantization)
-    return model
-
-
 def load(path: str | os.PathLike, *, quantization: Any = None, quantization_config: Any = None,
          torch_dtype: str | torch.dtype | None = None, dtype: str | torch.dtype | None = None,
          device_map: Any = None, max_memory: dict[Any, Any] | None = None,
@@ -100,7 +90,7 @@ def load(path: str | os.PathLike, *, quantization: Any = None, quantization_conf
     quant, pre_quantized = resolve_quantization(quantization if quantization is not None else quantization_config,
                                                 config, str(path))
     dtype = resolve_dtype(torch_dtype if torch_dtype is not None else dtype, config)
-    model = build_on_meta(model_class, config, quant)
+    model = meta_model(config, quant, model_class)
     placement = infer_device_map(model, dtype, device_map, max_memory)
     check_offloadable(placement)
     offload = _offload_target(placement, offload_folder, path)
@@ -115,6 +105,7 @@ def load(path: str | os.PathLike, *, quantization: Any = None, quantization_conf
     streamer.finish()
     dispatch(model, placement, offload)
     model.hf_device_map = placement
+    model.name_or_path = str(path)  # lets adapters check which base they were trained on
     if quant is not None:
         model.config.quantization_config = quant.to_dict()
     logger.info("%s: %s, %d layers quantized; placement: %s", path, quant.name if quant else str(dtype),
@@ -158,7 +149,7 @@ class _Streamer:
         self.has_prefix = not isinstance(model, OPTModel)
         self.quantized = {name: m for name, m in model.named_modules() if is_quantized(m)}
         self.plain = {name: p for name, p in model.named_parameters()
-                      if _owner(name, self.quantized) is None}
+                      if owning_module(name, self.quantized) is None}
         self.required = {name: self._required_keys(name, m) for name, m in self.quantized.items()}
         self.pending: dict[str, dict[str, torch.Tensor]] = {}  # quantized layer -> tensors ready so far
         self.arrived: dict[str, set[str]] = {}  # quantized layer -> checkpoint keys seen so far
@@ -168,6 +159,8 @@ class _Streamer:
             expected.update({f"{n}.{k}": getattr(m, k).shape for n, m in self.quantized.items() for k in
                              self.required[n]})
         check_tensor_shapes(files, expected, lambda raw: normalize_key(raw, self.has_prefix))
+        for raw, info in files.tensors.items():  # headers: refuse extra layers before any data is read
+            self._check_layer(raw, info.file)
 
     def _required_keys(self, name: str, module: torch.nn.Module) -> set[str]:
         if not self.pre_quantized:
@@ -180,12 +173,13 @@ class _Streamer:
 
     def put(self, raw_name: str, tensor: torch.Tensor, shard: Path) -> None:
         name = normalize_key(raw_name, self.has_prefix)
-        owner = _owner(name, self.quantized)
+        owner = owning_module(name, self.quantized)
         if owner is not None:
             self._put_quantized(owner, name[len(owner) + 1:], tensor, f"{shard}: tensor '{raw_name}'")
             return
         param = self.plain.get(name)
         if param is None:
+            self._check_layer(raw_name, shard)
             return  # e.g. lm_head.weight when loading a task head, or HF bookkeeping buffers
         if tuple(tensor.shape) != tuple(param.shape):
             raise CheckpointError(f"{shard}: tensor '{raw_name}' has shape {list(tensor.shape)}, "
@@ -194,6 +188,15 @@ class _Streamer:
             raise CheckpointError(f"{shard}: tensor '{raw_name}' has dtype {tensor.dtype}, expected a float")
         self._place(name, tensor.to(self.dtype, copy=True))
         self.loaded.add(name)
+
+    def _check_layer(self, raw_name: str, file: Path) -> None:
+        """A tensor of a decoder layer the config does not declare means config and weights disagree."""
+        match = _LAYER_KEY.search(raw_name)
+        layers = self.model.config.num_hidden_layers
+        if match and int(match.group(1)) >= layers:
+            raise CheckpointError(f"{file}: tensor '{raw_name}' belongs to decoder layer {match.group(1)}, but "
+                                  f"config.json declares {layers} layers (model.decoder.layers.{match.group(1)} "
+                                  f"does not exist)")
 
     def _place(self, name: str, value: torch.Tensor) -> None:
         device = device_of(name, self.placement)
@@ -205,7 +208,7 @@ class _Streamer:
     def _put_quantized(self, owner: str, key: str, tensor: torch.Tensor, where: str) -> None:
         module = self.quantized[owner]
         if key not in self.required[owner]:
-            hint = "" if self.pre_quantized else " (quantization statistics, but config.json has no quantization_config)"
+            hint = "" if self.pre_quantized else " (a quantized tensor, but config.json has no quantization_config)"
             raise CheckpointError(f"{where} is not expected for quantized layer '{owner}'{hint}")
         device = device_of(owner, self.placement)
         target = "cpu" if device == "disk" else device
@@ -215,8 +218,7 @@ class _Streamer:
             if tuple(tensor.shape) != (module.out_features, module.in_features) or not tensor.dtype.is_floating_point:
                 raise CheckpointError(f"{where} is {tensor.dtype} {list(tensor.shape)}, expected a float weight of "
                                       f"shape {[module.out_features, module.in_features]}")
-            bits = 8 if type(module).__name__ == "Linear8bitLt" else 4
-            values = quantize_weight(tensor.to(target), self.quant, bits, self.dtype)
+            values = quantize_weight(tensor.to(target), self.quant, bits_of(module), self.dtype)
         else:
             values = {key: tensor.to(target, self.dtype, copy=True)}
         self.pending.setdefault(owner, {}).update(values)
@@ -242,16 +244,6 @@ class _Streamer:
                                   f"{', '.join(f'{owner}.{k}' for k in missing)}{more}")
         _finish_missing(self.model, self.plain, self.loaded, self.path, self.dtype, self._place)
         self.model.tie_weights()
-
-
-def _owner(name: str, quantized: dict[str, Any]) -> str | None:
-    """The quantized module a tensor key belongs to (`...fc1.weight.absmax` -> `...fc1`), if any."""
-    parts = name.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        prefix = ".".join(parts[:cut])
-        if prefix in quantized:
-            return prefix
-    return None
 
 
 def _torch_device(device: int | str) -> torch.device:

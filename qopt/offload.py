@@ -22,7 +22,7 @@ from accelerate.utils import set_module_tensor_to_device
 from torch import nn
 
 from .errors import PlanError
-from .quantization import is_quantized, set_quantized_state
+from .quantization import is_quantized, owning_module, set_quantized_state
 
 
 class OffloadFolder:
@@ -56,35 +56,25 @@ class RebuildOnForward(ModelHook):
         self.plain: list[str] = []  # other tensors (relative names)
         for key in self.keys:
             relative = key[len(self.prefix):]
-            owner = _owner(relative, quantized)
+            owner = owning_module(relative, quantized)
             (self.groups.setdefault(owner, []).append(relative) if owner is not None else self.plain.append(relative))
         return module
 
     def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
         for owner, keys in self.groups.items():
-            sub = module.get_submodule(owner) if owner else module
-            start = len(owner) + 1 if owner else 0
-            state = {k[start:]: self.weights[self.prefix + k] for k in keys}
-            set_quantized_state(sub, state, self.device, source=f"offloaded {self.prefix}{owner}")
+            state = {k[len(owner) + 1:]: self.weights[self.prefix + k] for k in keys}
+            set_quantized_state(module.get_submodule(owner), state, self.device,
+                                source=f"offloaded {self.prefix}{owner}")
         for name in self.plain:
             set_module_tensor_to_device(module, name, self.device, value=self.weights[self.prefix + name])
         return send_to_device(args, self.device), send_to_device(kwargs, self.device)
 
     def post_forward(self, module: nn.Module, output: Any) -> Any:
         for owner in self.groups:
-            _release(module.get_submodule(owner) if owner else module)
+            _release(module.get_submodule(owner))
         for name in self.plain:
             set_module_tensor_to_device(module, name, "meta")
         return output
-
-
-def _owner(relative: str, quantized: set[str]) -> str | None:
-    """The quantized submodule a tensor key belongs to (`fc1.weight.absmax` -> `fc1`), if any."""
-    parts = relative.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        if ".".join(parts[:cut]) in quantized:
-            return ".".join(parts[:cut])
-    return "" if "" in quantized else None
 
 
 def _release(module: nn.Module) -> None:

@@ -28,7 +28,7 @@ from torch import nn
 from .bundled import data_dir
 from .config import OPTConfig
 from .errors import ConfigError, PlanError
-from .quantization import BLOCKSIZE, QuantizationConfig, is_quantized, swap_linears_on_meta
+from .quantization import BLOCKSIZE, QuantizationConfig, bits_of, is_quantized, swap_linears_on_meta
 
 NO_SPLIT = ["OPTDecoderLayer"]
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -59,8 +59,8 @@ def cpu_repack_bytes(out_features: int, in_features: int) -> int:
 
 def _module_bytes(module: nn.Module, dtype: torch.dtype) -> int:
     """A quantized Linear's bytes: weight and statistics, plus its bias (4-bit biases live in the compute dtype)."""
-    bits = 8 if type(module).__name__ == "Linear8bitLt" else 4
-    double = bool(getattr(module.weight, "compress_statistics", False)) if bits == 4 else False
+    bits = bits_of(module)
+    double = bits == 4 and bool(module.weight.compress_statistics)
     size = quantized_weight_bytes(module.out_features, module.in_features, bits, double)
     if module.bias is not None:
         bias_dtype = getattr(module, "compute_dtype", None) or dtype
@@ -314,12 +314,14 @@ def activation_bytes(config: OPTConfig, context: int, batch: int, dtype: torch.d
     return max(attention, mlp) + batch * config.vocab_size * 4
 
 
-def meta_model(config: OPTConfig, quantization: QuantizationConfig | None) -> nn.Module:
-    """The causal LM on the meta device with its quantized Linears swapped in: what the loader fills."""
+def meta_model(config: OPTConfig, quantization: QuantizationConfig | None, model_class: type | None = None
+               ) -> nn.Module:
+    """The model (default: the causal LM) on the meta device, tied, with each quantized Linear already its
+    empty bitsandbytes module: what `qopt.load` fills and what `plan` measures."""
     from .model import OPTForCausalLM
 
     with init_empty_weights(include_buffers=False):
-        model = OPTForCausalLM(config)
+        model = (model_class or OPTForCausalLM)(config)
     model.tie_weights()  # init_empty_weights re-creates each assigned parameter, which unties the head
     if quantization is not None:
         swap_linears_on_meta(model, quantization)

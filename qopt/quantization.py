@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -196,6 +196,11 @@ def is_quantized(module: nn.Module) -> bool:
     return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
 
 
+def bits_of(module: nn.Module) -> int:
+    """8 for Linear8bitLt, 4 for Linear4bit, 16 for anything else."""
+    return 8 if isinstance(module, bnb.nn.Linear8bitLt) else 4 if isinstance(module, bnb.nn.Linear4bit) else 16
+
+
 def config_of(module: nn.Module) -> QuantizationConfig:
     """The settings a quantized module was built with (to re-quantize a merged weight the same way)."""
     if isinstance(module, bnb.nn.Linear8bitLt):
@@ -348,6 +353,15 @@ def quantize_model(model: nn.Module, config: QuantizationConfig | str) -> nn.Mod
     if hasattr(model, "config"):
         model.config.quantization_config = config.to_dict()
     return model
+
+
+def owning_module(key: str, modules: Collection[str]) -> str | None:
+    """The module among `modules` a state-dict key belongs to (`...fc1.weight.absmax` -> `...fc1`), if any."""
+    parts = key.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        if ".".join(parts[:cut]) in modules:
+            return ".".join(parts[:cut])
+    return None
 
 
 def saved_keys(module: nn.Module) -> set[str]:

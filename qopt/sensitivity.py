@@ -13,10 +13,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from accelerate.utils import compute_module_sizes
 from torch import nn
 from tqdm.auto import tqdm
-
-from accelerate.utils import compute_module_sizes
 
 from .calibration import (LAYER_PREFIX, SEQUENTIAL_GROUPS, calibration_windows, grid_for_bits, mixed_precision,
                           rtn_dequantized)
@@ -92,13 +91,11 @@ def layer_sensitivity(model: OPTForCausalLM, windows: torch.Tensor, quantization
 
 
 def _float_states(model: OPTForCausalLM, windows: torch.Tensor, batch: int) -> list[torch.Tensor]:
+    """Each decoder layer's input on the windows, then the decoder's output (fp32)."""
     decoder = model.model.decoder
-    out = decoder(input_ids=windows[:batch], use_cache=False, output_hidden_states=True)
-    per_batch = [[h.float() for h in out.hidden_states]]
-    for start in range(batch, windows.shape[0], batch):
-        out = decoder(input_ids=windows[start:start + batch], use_cache=False, output_hidden_states=True)
-        per_batch.append([h.float() for h in out.hidden_states])
-    return [torch.cat(parts) for parts in zip(*per_batch)]
+    batches = [decoder(input_ids=chunk, use_cache=False, output_hidden_states=True).hidden_states
+               for chunk in windows.split(batch)]
+    return [torch.cat([h.float() for h in parts]) for parts in zip(*batches)]
 
 
 def _run_from(decoder: nn.Module, hidden: torch.Tensor, index: int, batch: int) -> torch.Tensor:

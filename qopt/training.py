@@ -341,6 +341,9 @@ def train(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, args: 
         if accelerator.is_main_process:
             bar.write("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
 
+    if accelerator.is_main_process and args.progress:
+        bar.write(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(1, total):.2f}%), "
+                  f"{accelerator.num_processes} process(es) on {accelerator.device.type}")
     if eval_loader is not None and state["step"] == 0:
         run_eval()  # the starting point, so the log shows what training changed
     accum, micro, step_loss, tokens, start = args.gradient_accumulation_steps, 0, 0.0, 0, time.perf_counter()
@@ -457,7 +460,6 @@ def finetune(model_path: str | Path, data: str | Path, args: TrainingArguments, 
         overrides["quantization"] = quantization
     model = load(model_path, model_class=model_class, torch_dtype=torch_dtype, progress=args.progress,
                  **overrides)
-    model.name_or_path = str(model_path)
     if quantization:
         prepare_for_kbit_training(model, gradient_checkpointing)
     elif gradient_checkpointing:

@@ -13,6 +13,7 @@ from qopt.errors import PlanError
 from qopt.gptq import Grid, HessianAccumulator, gptq_round, output_error
 from qopt.quantization import QuantizationConfig
 from qopt.sensitivity import Sensitivity, choose_precision, decoder_linear_names, layer_sensitivity, model_bytes
+from tests.conftest import VARIANTS
 
 
 def correlated_inputs(features: int, tokens: int = 1024, seed: int = 0) -> torch.Tensor:
@@ -130,6 +131,16 @@ def test_streaming_keeps_one_float_decoder_layer_and_equals_in_memory(tiny_check
     assert len(report.modules) == 12 and all(m.calibrated_error <= m.rtn_error for m in report.modules)
 
 
+def test_save_after_a_forward_writes_the_calibrated_bytes_unchanged(tiny_checkpoint, windows, tmp_path):
+    model, _ = calibrate(tiny_checkpoint, windows, CalibrationConfig(quantization="nf4-dq"), progress=False)
+    model.save_pretrained(tmp_path / "before")
+    with torch.no_grad():
+        model(torch.randint(3, 1000, (1, 8)))  # the CPU kernel repacks the 4-bit weights here
+    model.save_pretrained(tmp_path / "after")
+    assert (tmp_path / "before" / "model.safetensors").read_bytes() == \
+        (tmp_path / "after" / "model.safetensors").read_bytes()
+
+
 @pytest.mark.parametrize("name", ["nf4", "nf4-dq", "fp4", "int8"])
 def test_calibrated_checkpoint_loads_in_plain_bitsandbytes_and_transformers(tiny_checkpoint, windows, tmp_path,
                                                                              name):
@@ -167,6 +178,23 @@ def test_calibrated_checkpoint_loads_in_plain_bitsandbytes_and_transformers(tiny
     loaded = qopt.load(tmp_path / "cal", torch_dtype="auto")
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits.float(), ours)
+
+
+def test_post_layer_norm_projected_model_keeps_its_projections_16bit(hf_checkpoint, windows, tmp_path):
+    """OPT-350M's layout: post-LN layers and project_in / project_out, which stay 16-bit as in GPTQ."""
+    import transformers
+
+    folder, _ = hf_checkpoint(**VARIANTS["post_ln_proj"])
+    model, _ = calibrate(folder, windows, progress=False)
+    assert type(model.model.decoder.project_in) is torch.nn.Linear
+    assert isinstance(model.model.decoder.layers[0].fc1, bnb.nn.Linear4bit)
+    model.save_pretrained(tmp_path / "proj")
+    ids = torch.randint(3, 1000, (1, 10), generator=torch.Generator().manual_seed(4))
+    peer = transformers.OPTForCausalLM.from_pretrained(tmp_path / "proj")
+    with torch.no_grad():
+        ours = model(ids).logits.float()
+        assert torch.equal(peer(ids).logits.float(), ours)
+        assert torch.equal(qopt.load(tmp_path / "proj", torch_dtype="auto")(ids).logits.float(), ours)
 
 
 # -- sensitivity and mixed precision --------------------------------------------------------------------------
@@ -255,3 +283,28 @@ def test_calibration_windows_are_seeded_and_never_from_the_test_split():
     assert not any(p[:80] in test_text for p in excerpts)
     with pytest.raises(ValueError, match="fewer than one window"):
         calibration_windows("too short", count=1, seqlen=64)
+
+
+def test_cli_quantize_calibrated_and_rtn_under_a_budget(hf_checkpoint, tmp_path, capsys):
+    from qopt.cli import main
+
+    folder, _ = hf_checkpoint(vocab_size=50272)  # the shipped sample is tokenized with OPT's vocabulary
+    model = qopt.load(folder)
+    base = QuantizationConfig.from_name("nf4")
+    budget = model_bytes(model.config, base) + 6000  # room for about one linear in 8-bit
+    window_args = ["--calibration-windows", "4", "--calibration-seqlen", "32"]
+    # defaults: 128 windows of the model's context (64 here) from the shipped sample
+    assert main(["quantize", str(folder), "--method", "calibrated", "--out", str(tmp_path / "cal")]) == 0
+    assert "on 128 windows of 64 tokens" in capsys.readouterr().out
+    for method in ("calibrated", "rtn"):
+        out = tmp_path / f"{method}-mixed"
+        assert main(["quantize", str(folder), "--method", method, "--budget", f"{budget}B", "--out", str(out),
+                     *window_args]) == 0
+        assert "linears in 8-bit" in capsys.readouterr().out
+        promoted = json.loads((out / "config.json").read_text())["quantization_config"]["qopt_module_bits"]
+        assert promoted and set(promoted.values()) == {8}
+        loaded = qopt.load(out, torch_dtype="auto")
+        assert all(type(loaded.get_submodule(n)) is bnb.nn.Linear8bitLt for n in promoted)
+    assert main(["quantize", str(folder), "--method", "calibrated", "--budget", "1KB", "--out",
+                 str(tmp_path / "none"), *window_args]) == 2
+    assert "below the all-4-bit" in capsys.readouterr().err

@@ -213,6 +213,16 @@ def test_placement_errors(four_layer_checkpoint, tmp_path):
         load(four_layer_checkpoint, quantization="nf4", device_map="auto", max_memory={"npu": 10_000})
 
 
+def test_checkpoint_layers_beyond_the_config_are_refused(fp16_checkpoint, tmp_path):
+    import shutil
+
+    shutil.copytree(fp16_checkpoint, tmp_path / "c")
+    config = json.loads((tmp_path / "c" / "config.json").read_text())
+    (tmp_path / "c" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
+    with pytest.raises(CheckpointError, match=r"decoder layer 1, but config.json declares 1 layers"):
+        load(tmp_path / "c", quantization="nf4")
+
+
 def test_unquantized_load_is_unchanged(fp16_checkpoint):
     model = load(fp16_checkpoint, torch_dtype=BF16)
     assert model.config.quantization_config is None and not any(is_quantized(m) for m in model.modules())
