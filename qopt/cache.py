@@ -1,7 +1,9 @@
 """The preallocated KV cache: one key and one value buffer per layer, on that layer's device.
 
 Decoding writes each new token in place (no concatenation of the whole cache per token); when a buffer is
-full it grows by doubling, so a cache sized up front by `generate` never reallocates.
+full it grows by doubling, so a cache sized up front by `generate` never reallocates. `dtype` stores the states
+in another precision: `generate` keeps a 16-bit model's cache in fp32 on CPU, where a decode step's attention
+computes in fp32, so the cached keys and values are not converted again at every step.
 """
 from __future__ import annotations
 
@@ -9,8 +11,9 @@ import torch
 
 
 class KVCache:
-    def __init__(self, num_layers: int, capacity: int = 0) -> None:
+    def __init__(self, num_layers: int, capacity: int = 0, dtype: torch.dtype | None = None) -> None:
         self.capacity = capacity
+        self.dtype = dtype  # None: the states' own dtype
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.lengths = [0] * num_layers
@@ -31,14 +34,15 @@ class KVCache:
         start, new = self.lengths[layer], key.shape[2]
         end = start + new
         buf_k = self.keys[layer]
-        if buf_k is None or end > buf_k.shape[2] or buf_k.device != key.device or buf_k.dtype != key.dtype:
+        dtype = self.dtype or key.dtype
+        if buf_k is None or end > buf_k.shape[2] or buf_k.device != key.device or buf_k.dtype != dtype:
             size = max(end, self.capacity, 2 * (buf_k.shape[2] if buf_k is not None else 0))
             shape = (key.shape[0], key.shape[1], size, key.shape[3])
-            grown_k = key.new_empty(shape)
-            grown_v = value.new_empty(shape)
+            grown_k = key.new_empty(shape, dtype=dtype)
+            grown_v = value.new_empty(shape, dtype=dtype)
             if buf_k is not None and start:
-                grown_k[:, :, :start] = buf_k[:, :, :start].to(key)
-                grown_v[:, :, :start] = self.values[layer][:, :, :start].to(value)
+                grown_k[:, :, :start] = buf_k[:, :, :start]
+                grown_v[:, :, :start] = self.values[layer][:, :, :start]
             self.keys[layer], self.values[layer] = grown_k, grown_v
         self.keys[layer][:, :, start:end] = key
         self.values[layer][:, :, start:end] = value

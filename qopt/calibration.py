@@ -248,7 +248,8 @@ def calibrate(source: str | os.PathLike | OPTForCausalLM, windows: torch.Tensor 
     """Quantize an OPT causal LM with GPTQ rounding onto bitsandbytes grids; returns (model, report).
 
     `source` is a checkpoint folder (streamed: one decoder layer in float at a time) or a float model in
-    memory (quantized in place). `windows` are (count, seqlen) token ids (see `calibration_windows`); None
+    memory (quantized in place). Layers are calibrated in fp32; everything else is in `config.dtype` from
+    the start, so layer 0 sees the embeddings the quantized model will use. `windows` are (count, seqlen) token ids (see `calibration_windows`); None
     draws 128 windows of the model's context (at most 2048 tokens) from the shipped sample.
     """
     config = config or CalibrationConfig()
@@ -257,7 +258,9 @@ def calibrate(source: str | os.PathLike | OPTForCausalLM, windows: torch.Tensor 
         done = [n for n, m in source.named_modules() if is_quantized(m)]
         if done:
             raise ValueError(f"calibrate needs a float model, but {done[0]} is already quantized")
-        model, reader = source.float(), None
+        model, reader = source, None
+        _cast_unquantized(model, config.dtype, skip_layers=True)  # as a streamed skeleton has them
+        model.model.decoder.layers.float()
     else:
         model, reader = _skeleton(Path(source), config.dtype)
     model.eval()

@@ -13,12 +13,15 @@ from __future__ import annotations
 import ctypes as ct
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from functools import lru_cache
 
 import bitsandbytes as bnb
 import torch
 from torch import nn
 
-PACK_HEAD_MIN_TOKENS = 16  # packing the head costs about as much as 10-20 steps' head matmuls
+PACK_HEAD_MIN_TOKENS = 32  # repacking the head costs about what it saves over 20 decode steps (measured)
+# bitsandbytes multiplies int8 with torch._int_mm only on AVX-512 CPUs (elsewhere in fp32, which can round)
+_INT_MM = torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
 @contextmanager
@@ -37,11 +40,13 @@ def _free(module: nn.Module) -> bool:
 
 
 def packed_head_forward(head: nn.Module, new_tokens: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The output head on a oneDNN-packed copy of its weight (twice as fast at a few rows; bit-identical in bf16,
-    within rounding in fp32), or None where it does not apply. The copy lives as long as the returned function."""
+    """The output head on a oneDNN-packed copy of its weight (measured twice as fast at a few rows, bit-identical in
+    bf16, within rounding in fp32), or None where it does not apply. The copy lives as long as the returned
+    function, so memory returns to normal after generate."""
     weight = getattr(head, "weight", None)
-    if not (type(head) is nn.Linear and _free(head) and weight.device.type == "cpu" and new_tokens >= PACK_HEAD_MIN_TOKENS
-            and weight.dtype in (torch.bfloat16, torch.float32) and torch.backends.mkldnn.is_available()):
+    if not (type(head) is nn.Linear and _free(head) and weight.device.type == "cpu"
+            and new_tokens >= PACK_HEAD_MIN_TOKENS and weight.dtype in (torch.bfloat16, torch.float32)
+            and torch.backends.mkldnn.is_available()):
         return None
     try:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
@@ -51,17 +56,29 @@ def packed_head_forward(head: nn.Module, new_tokens: int) -> Callable[[torch.Ten
     return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
+_GEMV_ARGS = (ct.c_int64, ct.c_int64, ct.c_int64, ct.c_void_p, ct.c_void_p, ct.c_void_p, ct.c_void_p, ct.c_int64,
+              ct.c_int64, ct.c_int64)  # M, N, K, x, weight, absmax, out, blocksize, x row stride, out row stride
+
+
+@lru_cache(maxsize=None)
+def _typed_kernel(name: str) -> Callable[..., None]:
+    """bitsandbytes' C function behind a typed prototype: plain ints go in without building ctypes objects."""
+    from bitsandbytes.cextension import lib
+
+    return ct.CFUNCTYPE(None, *_GEMV_ARGS)(ct.cast(getattr(lib, name), ct.c_void_p).value)
+
+
 def lean_4bit_forward(module: bnb.nn.Linear4bit) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """bitsandbytes' CPU 4-bit kernel called directly: what `Linear4bit.forward` computes once its first eval forward
     has packed the weight for the CPU (bf16 compute), minus the layers of Python around it."""
     if not _free(module):
         return None
-    from bitsandbytes.cextension import lib
-
     own = module.forward
-    kernels = {"nf4": lib.gemv_4bit_inference_cpu_nf4_bf16, "fp4": lib.gemv_4bit_inference_cpu_fp4_bf16}
-    out_features, in_features = module.out_features, module.in_features
-    n, k = ct.c_int64(out_features), ct.c_int64(in_features)
+    try:
+        kernels = {t: _typed_kernel(f"gemv_4bit_inference_cpu_{t}_bf16") for t in ("nf4", "fp4")}
+    except (AttributeError, RuntimeError):  # a bitsandbytes build without the CPU 4-bit kernels
+        return None
+    n, k = module.out_features, module.in_features
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         state = getattr(module.weight, "quant_state", None)
@@ -71,42 +88,38 @@ def lean_4bit_forward(module: bnb.nn.Linear4bit) -> Callable[[torch.Tensor], tor
                 or not getattr(state, "packing_format_for_cpu", False) or x.dtype not in (torch.bfloat16, torch.float32)
                 or (bias is not None and bias.dtype != torch.bfloat16)):
             return own(x)
-        a = x.reshape(-1, in_features).to(torch.bfloat16).contiguous()
-        out = torch.empty(a.shape[0], out_features, dtype=torch.bfloat16)
-        kernels[state.quant_type](ct.c_int64(a.shape[0]), n, k, ct.c_void_p(a.data_ptr()),
-                                  ct.c_void_p(module.weight.data_ptr()), ct.c_void_p(state.absmax.data_ptr()),
-                                  ct.c_void_p(out.data_ptr()), ct.c_int64(state.blocksize), ct.c_int64(a.stride(0)),
-                                  ct.c_int64(out.stride(0)))
+        a = x.reshape(-1, k).to(torch.bfloat16).contiguous()
+        out = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
+        kernels[state.quant_type](a.shape[0], n, k, a.data_ptr(), module.weight.data_ptr(), state.absmax.data_ptr(),
+                                  out.data_ptr(), state.blocksize, k, n)
         if bias is not None:
             out += bias
-        return out.view(*x.shape[:-1], out_features).to(x.dtype)
+        return out.to(x.dtype)
 
     return forward
 
 
-def lean_int8_forward(module: bnb.nn.Linear8bitLt) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """LLM.int8 inference as `Linear8bitLt.forward` computes it on CPU, without its autograd function, per-call
-    warning and five dispatched ops (about 100 tensor ops per call in all)."""
-    if module.state.has_fp16_weights or not _free(module):
-        return None
-    own = module.forward
+class RowQuantizer:
+    """LLM.int8's activation quantization, remembered for the last input: q_proj, k_proj and v_proj read the same
+    hidden states, which bitsandbytes quantizes three times over (with the same result)."""
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        state, bias = module.state, module.bias
-        if module.training or x.requires_grad or x.device.type != "cpu" or state.CB is None or x.numel() == 0 \
-                or (bias is not None and bias.dtype != x.dtype):
-            return own(x)  # also the first call, which moves the weight into `state`
-        out = int8_matmul(x.reshape(-1, x.shape[-1]), state.CB, state.SCB, state.threshold, bias)
-        return out.view(*x.shape[:-1], state.CB.shape[0])
+    def __init__(self) -> None:
+        self._last: tuple | None = None
 
-    return forward
+    def __call__(self, x: torch.Tensor, threshold: float
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        last = self._last
+        if last is not None and last[0] is x and last[1] == x._version and last[2] == threshold:
+            return last[3]
+        codes = quantize_rows(x.reshape(-1, x.shape[-1]), threshold)
+        self._last = (x, x._version, threshold, codes)  # holding x keeps its identity from being reused
+        return codes
 
 
-def int8_matmul(a: torch.Tensor, codes_b: torch.Tensor, scales_b: torch.Tensor, threshold: float,
-                bias: torch.Tensor | None) -> torch.Tensor:
-    """bitsandbytes' default int8 ops (int8_vectorwise_quant, int8_scaled_mm, int8_mixed_scaled_mm), op for op:
-    rows of the fp16-cast input quantized by their absmax after zeroing outliers (|x| >= threshold), an int8
-    matmul, rescaling, and the outlier columns added back in the input's precision."""
+def quantize_rows(a: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """bitsandbytes' int8_vectorwise_quant on the fp16-cast rows: (codes, row absmax, outlier columns or None).
+
+    Outliers (|x| >= threshold) are zeroed before the absmax; with several rows their columns are zeroed too."""
     a16 = a.to(torch.float16)
     magnitude = a16.abs()
     columns = None
@@ -117,10 +130,40 @@ def int8_matmul(a: torch.Tensor, codes_b: torch.Tensor, scales_b: torch.Tensor, 
             columns = torch.argwhere(outliers.any(dim=0)).view(-1)
             a16, magnitude = a16.masked_fill(outliers, 0), magnitude.masked_fill(outliers, 0)
     row_scales = torch.max(magnitude, dim=1).values.float()
-    codes_a = torch.round(a16 * (127.0 / row_scales.unsqueeze(-1))).to(torch.int8)
+    codes = torch.round(a16 * (127.0 / row_scales.unsqueeze(-1))).to(torch.int8)
     if a.shape[0] > 1 and columns is not None:
-        codes_a[:, columns] = 0
-    out = torch._int_mm(codes_a, codes_b.t()) * (row_scales.unsqueeze(-1) * scales_b.unsqueeze(0)) * 6.200124e-05
+        codes[:, columns] = 0
+    return codes, row_scales, columns
+
+
+def lean_int8_forward(module: bnb.nn.Linear8bitLt, quantizer: RowQuantizer | None = None
+                      ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """LLM.int8 inference as `Linear8bitLt.forward` computes it on CPU, without its autograd function, per-call
+    warning and five dispatched ops (about 100 tensor ops per call in all)."""
+    if module.state.has_fp16_weights or not _free(module):
+        return None
+    own = module.forward
+    quantizer = quantizer or RowQuantizer()
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        state, bias = module.state, module.bias
+        if module.training or x.requires_grad or x.device.type != "cpu" or state.CB is None or x.numel() == 0 \
+                or (bias is not None and bias.dtype != x.dtype):
+            return own(x)  # also the first call, which moves the weight into `state`
+        out = int8_matmul(x.reshape(-1, x.shape[-1]), quantizer(x, state.threshold), state.CB, state.SCB, bias)
+        return out.view(*x.shape[:-1], state.CB.shape[0])
+
+    return forward
+
+
+def int8_matmul(a: torch.Tensor, quantized: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+                codes_b: torch.Tensor, scales_b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """bitsandbytes' int8_scaled_mm / int8_mixed_scaled_mm, op for op: the int8 matmul of the quantized rows,
+    rescaling, and the outlier columns added back in the input's precision."""
+    codes_a, row_scales, columns = quantized
+    product = torch._int_mm(codes_a, codes_b.t()) if _INT_MM else \
+        torch.ops.bitsandbytes.int8_linear_matmul.default(codes_a, codes_b)
+    out = product * (row_scales.unsqueeze(-1) * scales_b.unsqueeze(0)) * 6.200124e-05
     if bias is not None:
         out += bias
     out = out.to(a.dtype)
@@ -138,9 +181,10 @@ def decode_fast_paths(model: nn.Module, new_tokens: int) -> Iterator[None]:
         fast = packed_head_forward(head, new_tokens) if head is not None else None
         if fast is not None:
             stack.enter_context(replaced_forward(head, fast))
+        quantizer = RowQuantizer()  # shared: one quantization of the hidden states for q, k and v
         for module in model.modules():
             fast = lean_4bit_forward(module) if isinstance(module, bnb.nn.Linear4bit) else \
-                lean_int8_forward(module) if isinstance(module, bnb.nn.Linear8bitLt) else None
+                lean_int8_forward(module, quantizer) if isinstance(module, bnb.nn.Linear8bitLt) else None
             if fast is not None:
                 stack.enter_context(replaced_forward(module, fast))
         yield

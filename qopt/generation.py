@@ -96,7 +96,9 @@ class DecodeState:
         self.mask[:, :width] = attention_mask
         self.attended = attention_mask.sum(1, keepdim=True)
         self.prompt_start = (attention_mask != 0).int().argmax(1, keepdim=True)  # first non-padding token
-        self.cache = KVCache(model.config.num_hidden_layers, width + max_new_tokens) if use_cache else None
+        on_cpu = all(p.device.type in ("cpu", "meta") for p in model.parameters())  # meta: offloaded to disk
+        self.cache = KVCache(model.config.num_hidden_layers, width + max_new_tokens,
+                             torch.float32 if on_cpu else None) if use_cache else None  # see KVCache's dtype
 
     def prefill(self, sequences: torch.Tensor, hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run the prompts once, filling the cache: fp32 logits for the first new token (and last hidden states)."""

@@ -91,12 +91,16 @@ class OPTAttention(nn.Module):
         k = self._heads(self.k_proj(hidden_states))
         v = self._heads(self.v_proj(hidden_states))
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
+            k, v = cache.update(self.layer_idx, k, v)  # in the cache's dtype, which may be wider than q's
         dropout = self.dropout if self.training else 0.0
         mask = mask.to(q.device) if mask is not None else None
         weights = None
-        if output_attentions or layer_head_mask is not None:
+        if s == 1 and q.device.type == "cpu" and q.dtype != torch.float32 and not dropout \
+                and not output_attentions and layer_head_mask is None:
+            out = single_query_attention(q, k, v, mask)
+        elif output_attentions or layer_head_mask is not None:
             # eager path: softmax in fp32 so half-precision padded rows never overflow to NaN
+            k, v = k.to(q.dtype), v.to(q.dtype)
             scores = torch.matmul(q, k.transpose(-1, -2)).float()
             if mask is not None:
                 scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
@@ -104,10 +108,9 @@ class OPTAttention(nn.Module):
             if layer_head_mask is not None:
                 weights = weights * layer_head_mask.view(1, -1, 1, 1).to(weights)
             out = torch.matmul(weights, v)
-        elif s == 1 and q.device.type == "cpu" and q.dtype != torch.float32 and not dropout:
-            out = single_query_attention(q, k, v, mask)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=1.0)
+            out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, dropout_p=dropout,
+                                                 scale=1.0)
         out = out.transpose(1, 2).reshape(b, s, self.embed_dim)
         return self.out_proj(out), (weights if output_attentions else None)
 

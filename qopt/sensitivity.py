@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from accelerate.utils import compute_module_sizes
 from torch import nn
 from tqdm.auto import tqdm
@@ -22,11 +23,11 @@ from .calibration import (LAYER_PREFIX, SEQUENTIAL_GROUPS, calibration_windows, 
 from .checkpoint import atomic_write_text, parse_size
 from .config import OPTConfig
 from .errors import PlanError
-from .model import OPTForCausalLM, build_attention_mask, causal_lm_loss
+from .model import OPTForCausalLM, build_attention_mask
 from .planning import meta_model, quantized_weight_bytes, sizing_view
 from .quantization import QuantizationConfig
 
-METRICS = ("output", "nll")
+METRICS = ("kl", "output")
 
 
 @dataclass
@@ -36,10 +37,11 @@ class Sensitivity:
     name: str
     parameters: int
     output_error: float  # mean squared change of the final hidden states / their mean square
-    nll_increase: float | None = None  # mean NLL on the windows minus the float model's (metric "nll")
+    kl: float | None = None  # mean KL(float model || this one) per token, nats (metric "kl")
+    nll_increase: float | None = None  # mean NLL on the windows minus the float model's (metric "kl")
 
     def score(self, metric: str) -> float:
-        value = self.output_error if metric == "output" else self.nll_increase
+        value = self.output_error if metric == "output" else self.kl
         if value is None:
             raise ValueError(f"sensitivity of {self.name} has no {metric!r} measurement")
         return value
@@ -53,13 +55,14 @@ def decoder_linear_names(model: OPTForCausalLM) -> list[str]:
 
 @torch.no_grad()
 def layer_sensitivity(model: OPTForCausalLM, windows: torch.Tensor, quantization: QuantizationConfig | str = "nf4",
-                      *, metric: str = "output", batch_size: int = 4, progress: bool = True) -> list[Sensitivity]:
+                      *, metric: str = "kl", batch_size: int = 4, progress: bool = True) -> list[Sensitivity]:
     """Quantize each decoder linear alone (round-to-nearest, 4-bit) and measure how far the model moves.
 
-    "output": relative squared error of the decoder's final hidden states (cheap: only the layers from the
-    quantized one on are rerun, from cached float inputs, and the vocabulary projection is skipped).
-    "nll": additionally the increase of the mean next-token NLL on `windows` (perplexity = exp of it).
-    The model must be in float; it is restored exactly afterwards.
+    Only the layers from the quantized one on are rerun, from cached float inputs. "kl": the KL divergence
+    of the next-token distributions from the float model's, and the NLL increase, on `windows` (what
+    perplexity feels). "output": only the relative squared error of the decoder's final hidden states
+    (cheaper: no vocabulary projection, but blind to which directions the head reads). The model must be in
+    float; it is restored exactly afterwards.
     """
     if metric not in METRICS:
         raise ValueError(f"metric {metric!r}: expected one of {METRICS}")
@@ -69,11 +72,9 @@ def layer_sensitivity(model: OPTForCausalLM, windows: torch.Tensor, quantization
     model.eval()
     states = _float_states(model, windows, batch_size)  # input of each layer, then the final output
     reference = states[-1]
-    base_nll = _nll(model, reference, windows) if metric == "nll" else None
     results = []
-    names = decoder_linear_names(model)
     try:
-        for full in tqdm(names, desc="Sensitivity", unit="linear", disable=not progress):
+        for full in tqdm(decoder_linear_names(model), desc="Sensitivity", unit="linear", disable=not progress):
             index = int(full[len(LAYER_PREFIX):].split(".", 1)[0])
             linear = model.get_submodule(full)
             original = linear.weight.data
@@ -82,9 +83,11 @@ def layer_sensitivity(model: OPTForCausalLM, windows: torch.Tensor, quantization
                 output = _run_from(decoder, states[index], index, batch_size)
             finally:
                 linear.weight.data = original
-            error = float(((output - reference) ** 2).mean() / (reference ** 2).mean())
-            nll = _nll(model, output, windows) - base_nll if base_nll is not None else None
-            results.append(Sensitivity(full, original.numel(), error, nll))
+            item = Sensitivity(full, original.numel(), float(((output - reference) ** 2).mean() /
+                                                             (reference ** 2).mean()))
+            if metric == "kl":
+                item.kl, item.nll_increase = _divergence(model, reference, output, windows)
+            results.append(item)
     finally:
         model.train(was_training)
     return results
@@ -115,12 +118,23 @@ def _run_from(decoder: nn.Module, hidden: torch.Tensor, index: int, batch: int) 
     return torch.cat(outputs)
 
 
-def _nll(model: OPTForCausalLM, final_hidden: torch.Tensor, windows: torch.Tensor) -> float:
-    total = 0.0
+def _divergence(model: OPTForCausalLM, reference: torch.Tensor, output: torch.Tensor, windows: torch.Tensor
+                ) -> tuple[float, float]:
+    """(mean KL(reference || output), mean NLL(output) - NLL(reference)) per predicted token, two windows at
+    a time so the fp32 vocabulary logits stay small."""
+    kl = nll = 0.0
+    count = 0
+    head = model.lm_head
     for start in range(0, windows.shape[0], 2):
-        logits = model.lm_head(final_hidden[start:start + 2].to(model.lm_head.weight.dtype))
-        total += float(causal_lm_loss(logits, windows[start:start + 2])) * logits.shape[0]
-    return total / windows.shape[0]
+        labels = windows[start:start + 2, 1:].reshape(-1)
+        ref = F.log_softmax(head(reference[start:start + 2, :-1].to(head.weight.dtype)).float(), -1)
+        ref = ref.reshape(-1, ref.shape[-1])
+        new = F.log_softmax(head(output[start:start + 2, :-1].to(head.weight.dtype)).float(), -1)
+        new = new.reshape(-1, new.shape[-1])
+        kl += float((ref.exp() * (ref - new)).sum())
+        nll += float((ref - new).gather(1, labels[:, None]).sum())
+        count += labels.numel()
+    return kl / count, nll / count
 
 
 # -- sizes and the budgeted choice ---------------------------------------------------------------------------
@@ -149,7 +163,7 @@ class PrecisionPlan:
 
 
 def choose_precision(model: OPTForCausalLM, sensitivities: list[Sensitivity], budget_bytes: int,
-                     base: QuantizationConfig | str = "nf4", high_bits: int = 8, metric: str = "output",
+                     base: QuantizationConfig | str = "nf4", high_bits: int = 8, metric: str = "kl",
                      dtype: torch.dtype = torch.bfloat16) -> PrecisionPlan:
     """Keep the most sensitive linears in `high_bits` (8 or 16) while the model fits `budget_bytes`.
 

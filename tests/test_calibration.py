@@ -115,8 +115,8 @@ def test_streaming_keeps_one_float_decoder_layer_and_equals_in_memory(tiny_check
     seen = []
     original = cal._materialize
 
-    def spy(model, tensors, source):
-        original(model, tensors, source)
+    def spy(model, tensors, source, *rest):
+        original(model, tensors, source, *rest)
         layers = model.model.decoder.layers
         seen.append(sum(1 for layer in layers if any(type(m) is torch.nn.Linear and m.weight.device.type != "meta"
                                                      for m in layer.modules())))
@@ -204,14 +204,17 @@ def test_sensitivity_finds_the_layer_made_fragile(tiny_checkpoint, windows):
     with torch.no_grad():
         weight = model.get_submodule(fragile).weight
         weight[:, :8] *= 20  # big input columns: 4-bit rounding of this layer moves the output most
-    ranking = layer_sensitivity(model, windows, "nf4", metric="nll", progress=False)
+    ranking = layer_sensitivity(model, windows, "nf4", progress=False)
     assert [s.name for s in ranking] == decoder_linear_names(model)
+    assert max(ranking, key=lambda s: s.kl).name == fragile
     assert max(ranking, key=lambda s: s.output_error).name == fragile
+    cheap = layer_sensitivity(model, windows, "nf4", metric="output", progress=False)
+    assert [s.output_error for s in cheap] == [s.output_error for s in ranking] and cheap[0].kl is None
     assert torch.equal(model.get_submodule(fragile).weight, weight)  # restored
 
 
 def _synthetic(model, scores):
-    return [Sensitivity(name, model.get_submodule(name).weight.numel(), score)
+    return [Sensitivity(name, model.get_submodule(name).weight.numel(), output_error=0.0, kl=score)
             for name, score in zip(decoder_linear_names(model), scores)]
 
 

@@ -74,7 +74,8 @@ def test_beam_search_matches_transformers(pair, length_penalty, early_stopping):
 
 
 @pytest.mark.parametrize("kwargs", [dict(top_k=20, top_p=0.9, temperature=0.8), dict(num_return_sequences=3),
-                                    dict(top_k=0, top_p=0.6, repetition_penalty=1.2), dict(num_beams=2, temperature=1.5)])
+                                    dict(top_k=0, top_p=0.6, repetition_penalty=1.2),
+                                    dict(num_beams=2, temperature=1.5)])
 def test_seeded_sampling_matches_transformers(pair, kwargs):
     """transformers samples with torch's global generator; `seed` starts ours from the same state."""
     ours, hf = pair
@@ -231,7 +232,8 @@ def test_stop_strings_match_transformers(pair, tokenizer, tokenizer_dir):
     (dict(do_sample=True, temperature=0.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
     (dict(top_k=-1), "top_k"), (dict(num_beams=0), "num_beams"), (dict(repetition_penalty=0.0), "repetition_penalty"),
     (dict(max_new_tokens=-1), "max_new_tokens"), (dict(num_return_sequences=2), "num_return_sequences"),
-    (dict(num_beams=2, num_return_sequences=3), "num_return_sequences"), (dict(early_stopping="soon"), "early_stopping"),
+    (dict(num_beams=2, num_return_sequences=3), "num_return_sequences"),
+    (dict(early_stopping="soon"), "early_stopping"),
     (dict(stop_strings="x"), "tokenizer"), (dict(num_beams=2, streamer=print), "num_beams"),
     (dict(bogus=1), "bogus"), (dict(penalty_alpha=2.0), "penalty_alpha")])
 def test_bad_arguments_are_clear_errors(pair, kwargs, name):
@@ -269,6 +271,18 @@ def test_lean_quantized_forwards_are_bit_identical(name):
 
 
 @pytest.mark.parametrize("name", ["int8", "nf4"])
+def test_lean_forwards_leave_training_and_gradients_to_the_module(name):
+    module = quantize_linear(torch.nn.Linear(64, 64), QuantizationConfig.from_name(name))
+    lean = (lean_int8_forward if name == "int8" else lean_4bit_forward)(module)
+    x = torch.randn(2, 64, requires_grad=True)
+    lean(x).sum().backward()  # goes through bitsandbytes' autograd function
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    module.train()
+    with torch.no_grad():
+        assert torch.equal(lean(x), module(x))
+
+
+@pytest.mark.parametrize("name", ["int8", "nf4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_generate_on_quantized_models_equals_manual_stepping(hf_checkpoint, name, dtype):
     """Our decode path (packed head, lean quantized forwards) gives the tokens the model's own forward gives."""
@@ -278,15 +292,15 @@ def test_generate_on_quantized_models_equals_manual_stepping(hf_checkpoint, name
     with torch.no_grad():
         out = model(ids, use_cache=True)
         seq = ids
-        for _ in range(20):
+        for _ in range(40):
             token = out.logits[:, -1].float().argmax(-1, keepdim=True)
             seq = torch.cat([seq, token], 1)
             out = model(token, past_key_values=out.past_key_values, use_cache=True)
-        with decode_fast_paths(model, 20):
+        with decode_fast_paths(model, 40):
             patched = [m for m in model.modules() if "forward" in vars(m)]
     assert len(patched) == 2 * 6 + 1  # every quantized Linear and the head
     assert not any("forward" in vars(m) for m in model.modules())  # restored
-    assert torch.equal(model.generate(ids, max_new_tokens=20, eos_token_id=[]), seq)
+    assert torch.equal(model.generate(ids, max_new_tokens=40, eos_token_id=[]), seq)
 
 
 def test_generate_with_a_layer_offloaded_to_disk_equals_in_memory(hf_checkpoint, tmp_path):
