@@ -24,7 +24,7 @@ gate: install  ## perplexity regression gate on the bundled model
 	$(VENV)/bin/qopt eval --check evals/baselines/gate.json
 
 demo: install  ## the main job: full precision vs int8 vs 4-bit on the bundled model
-	$(VENV)/bin/qopt eval --compare --windows 40
+	$(VENV)/bin/qopt eval --compare --windows 16
 
 clean:
 	rm -rf $(VENV) build *.egg-info

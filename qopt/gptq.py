@@ -139,24 +139,26 @@ def _round_int8(w: torch.Tensor, scb: torch.Tensor) -> tuple[torch.Tensor, torch
     return idx, idx * (scb / 127.0)
 
 
-def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp I)^-1, in fp32 as GPTQ computes it; the damping (a fraction of the
-    mean diagonal) grows tenfold until the matrix is positive definite."""
-    damp = percdamp * torch.diagonal(hessian).mean().clamp(min=1e-12)
+def _inverse_hessian_factor(h: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp I)^-1 in fp32, as GPTQ computes it. `h` (a private copy) is damped
+    and then overwritten in place, so only three (in, in) matrices ever coexist; the damping (a fraction of
+    the mean diagonal) grows tenfold until H + damp I is positive definite."""
+    diagonal = torch.diagonal(h)
+    damp, added = percdamp * float(diagonal.mean().clamp(min=1e-12)), 0.0
     for _ in range(6):
-        h = hessian.float().clone()
-        torch.diagonal(h).add_(damp)
+        diagonal.add_(damp - added)
+        added = damp
         lower, info = torch.linalg.cholesky_ex(h)
-        del h
         if info == 0:
-            inverse = torch.cholesky_inverse(lower)
+            torch.cholesky_inverse(lower, out=h)
             del lower
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if info == 0:
-                return upper
+            upper, info = torch.linalg.cholesky_ex(h, upper=True)
+            if info != 0:
+                raise ValueError(f"inverse Hessian ({h.shape[0]} inputs) lost positive definiteness in fp32")
+            return upper
         logger.warning("Hessian not positive definite at damping %.3g; retrying with %.3g", damp, damp * 10)
-        damp = damp * 10
-    raise ValueError(f"Hessian ({hessian.shape[0]} inputs) is not positive definite even with damping {damp:.3g}")
+        damp *= 10
+    raise ValueError(f"Hessian ({h.shape[0]} inputs) is not positive definite even with damping {damp:.3g}")
 
 
 def gptq_round(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid, *, percdamp: float = 0.01,
@@ -193,7 +195,7 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid, *
         if act_order:
             order = torch.argsort(importance, descending=True)
             h = h[order][:, order]
-        factor = inverse_hessian_factor(h, percdamp)
+        factor = _inverse_hessian_factor(h, percdamp)
         del h
     choose = _absmax_chooser(grid.quant_type, clip_search, importance)
     static, raw = None, None
