@@ -94,6 +94,20 @@ def test_clip_search_never_worse_per_block_and_helps_rtn():
     assert torch.equal(restored, searched.dequantized)
 
 
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_act_order_with_static_absmax_stores_what_it_optimised(double_quant):
+    w = random_weight(64, 256)
+    x = correlated_inputs(256)
+    acc = HessianAccumulator(256)
+    acc.add(x)
+    grid = Grid("nf4", double_quant=double_quant)
+    rounded = gptq_round(w, acc.hessian, grid, act_order=True, clip_search=8)
+    restored = bnbf.dequantize_4bit(rounded.packed(), rounded.quant_state(torch.float32))
+    assert torch.equal(restored, rounded.dequantized)
+    err = ((x @ (w - rounded.dequantized).t()) ** 2).mean()
+    assert err < 0.75 * ((x @ (w - cal.rtn_dequantized(w, grid)).t()) ** 2).mean()
+
+
 def test_rejects_blocks_that_would_straddle_rows():
     with pytest.raises(ValueError, match="multiple of the block size"):
         gptq_round(torch.randn(4, 96), None, Grid("nf4"))
