@@ -24,6 +24,8 @@ from .model import (OPTForCausalLM, OPTForQuestionAnswering, OPTForSequenceClass
 from .tokenizer import OPTTokenizer  # noqa: E402
 from .numerics import check_finite, find_nonfinite  # noqa: E402
 from .planning import MemoryPlan, plan  # noqa: E402
+from .generation import GenerationConfig, generate, generate_text  # noqa: E402
+from .streaming import TextIteratorStreamer, TextStreamer, stream_generate  # noqa: E402
 from .quantization import QuantizationConfig, dequantize_weight, quantize_model  # noqa: E402
 from .evaluation import PerplexityResult, evaluate_perplexity  # noqa: E402
 from .report import ComparisonReport, compare_precisions, weight_footprint  # noqa: E402
@@ -33,10 +35,10 @@ from .lora import (LoraConfig, add_lora, delete_adapter, disable_adapters, merge
 from .training import TrainingArguments, finetune, prepare_for_kbit_training, train  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["AdapterError", "CheckpointError", "ComparisonReport", "ConfigError", "GenerationError", "KVCache",
+__all__ = ["AdapterError", "CheckpointError", "ComparisonReport", "ConfigError", "GenerationConfig", "GenerationError", "KVCache",
            "LoraConfig", "MemoryPlan", "NumericsError", "OPTConfig", "OPTForCausalLM", "OPTForQuestionAnswering",
            "OPTForSequenceClassification", "OPTModel", "OPTTokenizer", "PerplexityResult", "PlanError",
-           "QoptError", "QuantizationConfig", "TokenizerError", "TrainingArguments", "add_lora", "check_finite", "compare_precisions",
-           "delete_adapter", "dequantize_weight", "disable_adapters", "evaluate_perplexity", "finetune", "find_nonfinite", "load",
-           "load_adapter", "merge_and_unload", "plan", "prepare_for_kbit_training", "save_adapter", "set_adapter", "train",
+           "QoptError", "QuantizationConfig", "TextIteratorStreamer", "TextStreamer", "TokenizerError", "TrainingArguments", "add_lora", "check_finite", "compare_precisions",
+           "delete_adapter", "dequantize_weight", "disable_adapters", "evaluate_perplexity", "finetune", "find_nonfinite", "generate", "generate_text", "load",
+           "load_adapter", "merge_and_unload", "plan", "prepare_for_kbit_training", "save_adapter", "set_adapter", "stream_generate", "train",
            "quantize_model", "unload", "weight_footprint"]
