@@ -10,7 +10,10 @@ token prompt, batch 1, never stopping early (no end token). Decode tokens/s = (n
 --new-token generate - time of a 1-token generate); prefill tokens/s = prompt / time of one forward over the
 prompt (cache on, logits of the last position only). Each figure is the median of --repeats runs; ratios are
 ours / transformers' from the same run. Target (issue 4): decode ratio >= 1.5 for int8 and nf4 at 125m / 350m.
-Take timings on a quiet machine: the load average is printed with the table.
+Take timings on a quiet machine: the load average is printed with the table. With other jobs running, two-thread
+timings swing by 10x (OpenMP threads spin-waiting on shared cores); a single-threaded comparison is steadier:
+`OMP_NUM_THREADS=1 ... --threads 1` (bitsandbytes' 4-bit kernel has its own OpenMP pool, which --threads
+does not reach).
 """
 from __future__ import annotations
 

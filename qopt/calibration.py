@@ -80,11 +80,14 @@ class CalibrationConfig:
     clip_search: int = 0  # absmax shrink factors tried per 4-bit block (0 = the block maximum, as bitsandbytes)
     act_order: bool = False  # round columns by decreasing Hessian diagonal (static block absmax)
     true_sequential: bool = True
-    batch_size: int = 8  # calibration windows per layer forward
+    batch_tokens: int = 4096  # tokens per layer forward (whole windows, at least one): bounds activation memory
     dtype: torch.dtype = torch.bfloat16  # what stays unquantized (embeddings, norms, biases, 16-bit linears)
 
     def __post_init__(self) -> None:
         self.quantization = QuantizationConfig.coerce(self.quantization)
+
+    def windows_per_batch(self, seqlen: int) -> int:
+        return max(1, self.batch_tokens // seqlen)
 
     def grid_for(self, name: str) -> Grid | None:
         """The grid the linear called `name` is rounded onto; None when it stays 16-bit."""
@@ -270,7 +273,7 @@ def calibrate(source: str | os.PathLike | OPTForCausalLM, windows: torch.Tensor 
     decoder = model.model.decoder
     report = CalibrationReport(windows=windows.shape[0], seqlen=windows.shape[1])
     with torch.no_grad():
-        hidden, mask = _layer0_inputs(model, windows, config.batch_size)
+        hidden, mask = _layer0_inputs(model, windows, config.windows_per_batch(windows.shape[1]))
         spare = torch.empty_like(hidden)
         bar = tqdm(range(len(decoder.layers)), desc="Calibrating layers", unit="layer", disable=not progress)
         for i in bar:
@@ -279,7 +282,7 @@ def calibrate(source: str | os.PathLike | OPTForCausalLM, windows: torch.Tensor 
                 _materialize(model, reader.tensors(lambda n, p=prefix: n.startswith(p)), str(source))
             layer = decoder.layers[i]
             rounded = _calibrate_layer(layer, prefix, hidden, mask, config, report)
-            _run_layer(layer, hidden, mask, config.batch_size, out=spare)
+            _run_layer(layer, hidden, mask, config.windows_per_batch(windows.shape[1]), out=spare)
             hidden, spare = spare, hidden
             _swap_in_bnb(layer, prefix, rounded, config, report)
             _cast_unquantized(layer, config.dtype)
@@ -337,7 +340,7 @@ def _calibrate_layer(layer: nn.Module, prefix: str, hidden: torch.Tensor, mask: 
         handles = [layer.get_submodule(g[0]).register_forward_pre_hook(acc.pre_hook(stop=k == len(stage) - 1))
                    for k, (g, acc) in enumerate(zip(stage, accumulators))]
         try:
-            _run_layer(layer, hidden, mask, config.batch_size)
+            _run_layer(layer, hidden, mask, config.windows_per_batch(hidden.shape[1]))
         finally:
             for handle in handles:
                 handle.remove()
