@@ -18,7 +18,7 @@ from .cache import KVCache  # noqa: E402
 from .config import OPTConfig  # noqa: E402
 from .errors import (AdapterError, CheckpointError, ConfigError, GenerationError, NumericsError,  # noqa: E402
                      PlanError, QoptError, TokenizerError)
-from .loading import load  # noqa: E402
+from .loading import load, quantize_checkpoint  # noqa: E402
 from .model import (OPTForCausalLM, OPTForQuestionAnswering, OPTForSequenceClassification,  # noqa: E402
                     OPTModel)
 from .tokenizer import OPTTokenizer  # noqa: E402
@@ -29,16 +29,23 @@ from .streaming import TextIteratorStreamer, TextStreamer, stream_generate  # no
 from .quantization import QuantizationConfig, dequantize_weight, quantize_model  # noqa: E402
 from .evaluation import PerplexityResult, evaluate_perplexity  # noqa: E402
 from .report import ComparisonReport, compare_precisions, weight_footprint  # noqa: E402
+from .calibration import (CalibrationConfig, CalibrationReport, calibrate, calibrate_checkpoint,  # noqa: E402
+                          calibration_windows)
+from .sensitivity import choose_precision, layer_sensitivity, plan_for_checkpoint  # noqa: E402
 from .adapters import load_adapter, save_adapter  # noqa: E402
 from .lora import (LoraConfig, add_lora, delete_adapter, disable_adapters, merge_and_unload,  # noqa: E402
                    set_adapter, unload)
 from .training import TrainingArguments, finetune, prepare_for_kbit_training, train  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["AdapterError", "CheckpointError", "ComparisonReport", "ConfigError", "GenerationConfig", "GenerationError", "KVCache",
-           "LoraConfig", "MemoryPlan", "NumericsError", "OPTConfig", "OPTForCausalLM", "OPTForQuestionAnswering",
+__all__ = ["AdapterError", "CalibrationConfig", "CalibrationReport", "CheckpointError", "ComparisonReport",
+           "ConfigError", "GenerationConfig", "GenerationError", "KVCache", "LoraConfig", "MemoryPlan",
+           "NumericsError", "OPTConfig", "OPTForCausalLM", "OPTForQuestionAnswering",
            "OPTForSequenceClassification", "OPTModel", "OPTTokenizer", "PerplexityResult", "PlanError",
-           "QoptError", "QuantizationConfig", "TextIteratorStreamer", "TextStreamer", "TokenizerError", "TrainingArguments", "add_lora", "check_finite", "compare_precisions",
-           "delete_adapter", "dequantize_weight", "disable_adapters", "evaluate_perplexity", "finetune", "find_nonfinite", "generate", "generate_text", "load",
-           "load_adapter", "merge_and_unload", "plan", "prepare_for_kbit_training", "save_adapter", "set_adapter", "stream_generate", "train",
-           "quantize_model", "unload", "weight_footprint"]
+           "QoptError", "QuantizationConfig", "TextIteratorStreamer", "TextStreamer", "TokenizerError",
+           "TrainingArguments", "add_lora", "calibrate", "calibrate_checkpoint", "calibration_windows",
+           "check_finite", "choose_precision", "compare_precisions", "delete_adapter", "dequantize_weight",
+           "disable_adapters", "evaluate_perplexity", "find_nonfinite", "finetune", "generate", "generate_text",
+           "layer_sensitivity", "load", "load_adapter", "merge_and_unload", "plan", "plan_for_checkpoint",
+           "prepare_for_kbit_training", "quantize_checkpoint", "quantize_model", "save_adapter", "set_adapter",
+           "stream_generate", "train", "unload", "weight_footprint"]

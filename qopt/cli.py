@@ -78,7 +78,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", nargs="?", help=DEFAULT_MODEL_HELP)
     p.add_argument("--compare", action="store_true", help="measure several precisions side by side")
     p.add_argument("--precisions", nargs="+", metavar="P",
-                   help=f"with --compare (default: {' '.join(DEFAULT_PRECISIONS)})")
+                   help=f"with --compare (default: {' '.join(DEFAULT_PRECISIONS)}); add -calibrated to a "
+                        "quantized one (nf4-calibrated) for GPTQ rounding on the shipped calibration sample")
     p.add_argument("--bits", type=int, choices=(32, 16, 8, 4),
                    help="one precision: 32 = fp32, 16 = bf16 (default), 8 = LLM.int8, 4 = --quant-type")
     p.add_argument("--quant-type", choices=("nf4", "fp4"), help="4-bit format (default nf4)")
@@ -253,7 +254,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4", help="4-bit format")
     p.add_argument("--double-quant", action="store_true", help="4-bit: quantize the absmax statistics too")
     p.add_argument("--method", choices=QUANTIZE_METHODS, default="rtn",
-                   help="rtn: round to nearest while streaming the checkpoint")
+                   help="rtn: round to nearest while streaming the checkpoint; calibrated: GPTQ rounding on "
+                        "calibration text, one decoder layer at a time")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                    help="dtype of the tensors left unquantized (embeddings, norms, biases)")
     p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard, e.g. 500MB")
@@ -263,14 +265,18 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
 QUANTIZE_METHODS = ["rtn"]
 
 
+def _quantize_preset(args: argparse.Namespace) -> str:
+    """The preset name (int8, nf4, fp4-dq, ...) that --bits / --quant-type / --double-quant spell."""
+    if args.bits == 8 and (args.double_quant or args.quant_type != "nf4"):
+        raise ValueError("--quant-type and --double-quant apply to --bits 4")
+    return "int8" if args.bits == 8 else args.quant_type + ("-dq" if args.double_quant else "")
+
+
 def _quantize(args: argparse.Namespace) -> int:
     from .loading import quantize_checkpoint
     from .quantization import QuantizationConfig
 
-    name = "int8" if args.bits == 8 else args.quant_type + ("-dq" if args.double_quant else "")
-    if args.bits == 8 and (args.double_quant or args.quant_type != "nf4"):
-        raise ValueError("--quant-type and --double-quant apply to --bits 4")
-    config = QuantizationConfig.from_name(name)
+    config = QuantizationConfig.from_name(_quantize_preset(args))
     layers, nbytes = quantize_checkpoint(_model_path(args.model), args.out, config, torch_dtype=args.dtype,
                                          max_shard_size=args.max_shard_size)
     print(f"wrote {args.out}: {config.name}, {layers} quantized layers, {nbytes / 2**20:.1f} MiB of weights")
@@ -307,12 +313,9 @@ def _quantize_calibrated(args: argparse.Namespace) -> int:
     from .quantization import QuantizationConfig
     from .sensitivity import plan_for_checkpoint
 
-    if args.bits == 8 and (args.double_quant or args.quant_type != "nf4"):
-        raise ValueError("--quant-type and --double-quant apply to --bits 4")
+    quant = QuantizationConfig.from_name(_quantize_preset(args))
     path = _model_path(args.model)
     text = Path(args.calibration_data).read_text(encoding="utf-8") if args.calibration_data else None
-    quant = QuantizationConfig.from_name("int8" if args.bits == 8 else
-                                         args.quant_type + ("-dq" if args.double_quant else ""))
     if args.budget is not None:
         if args.bits != 4:
             raise ValueError("--budget mixes 4-bit with --high-bits linears: use it with --bits 4")

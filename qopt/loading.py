@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,11 @@ from tqdm.auto import tqdm
 from .checkpoint import (CheckpointFiles, check_tensor_shapes, inspect_checkpoint, iter_shard_tensors, normalize_key,
                          save_model)
 from .config import OPTConfig
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, PlanError
 from .model import OPTForCausalLM, OPTModel, OPTPreTrainedModel
 from .offload import OffloadFolder, attach_disk_hooks, check_offloadable
-from .planning import DeviceMap, device_of, infer_device_map, meta_model, summarize
+from .planning import (DeviceMap, device_of, format_bytes, infer_device_map, meta_model, placed_bytes,
+                       summarize)
 from .quantization import (QuantizationConfig, bits_of, is_quantized, owning_module, quantize_weight,
                            saved_keys, set_quantized_state)
 
@@ -93,16 +95,21 @@ def load(path: str | os.PathLike, *, quantization: Any = None, quantization_conf
     model = meta_model(config, quant, model_class)
     placement = infer_device_map(model, dtype, device_map, max_memory)
     check_offloadable(placement)
-    offload = _offload_target(placement, offload_folder, path)
+    offload = _offload_target(model, dtype, placement, offload_folder, path)
     streamer = _Streamer(model, files, quant, pre_quantized, dtype, placement, offload, path)
     total = sum(f.stat().st_size for f in files.shards)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="Loading", disable=not progress) as bar:
-        for shard in files.shards:
-            bar.set_description(f"Loading {shard.name}")
-            for raw_name, tensor in iter_shard_tensors(files, shard):
-                streamer.put(raw_name, tensor, shard)
-                bar.update(tensor.numel() * tensor.element_size())
-    streamer.finish()
+    try:
+        with tqdm(total=total, unit="B", unit_scale=True, desc="Loading", disable=not progress) as bar:
+            for shard in files.shards:
+                bar.set_description(f"Loading {shard.name}")
+                for raw_name, tensor in iter_shard_tensors(files, shard):
+                    streamer.put(raw_name, tensor, shard)
+                    bar.update(tensor.numel() * tensor.element_size())
+        streamer.finish()
+    except BaseException:
+        if offload is not None:
+            offload.remove()
+        raise
     dispatch(model, placement, offload)
     model.hf_device_map = placement
     model.name_or_path = str(path)  # lets adapters check which base they were trained on
@@ -129,12 +136,21 @@ def quantize_checkpoint(path: str | os.PathLike, out: str | os.PathLike, quantiz
     return layers, sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
 
 
-def _offload_target(placement: DeviceMap, folder: str | os.PathLike | None, path: Path) -> OffloadFolder | None:
+def _offload_target(model: OPTPreTrainedModel, dtype: torch.dtype, placement: DeviceMap,
+                    folder: str | os.PathLike | None, path: Path) -> OffloadFolder | None:
+    """A fresh folder for the layers placed on disk, once it is known that they fit there."""
     if "disk" not in placement.values():
         return None
     if folder is None:
         raise CheckpointError(f"{path}: the model does not fit in max_memory, so some layers go to disk; pass "
                               f"offload_folder= (placement: {'; '.join(summarize(placement))})")
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    need, free = placed_bytes(model, dtype, placement, "disk"), shutil.disk_usage(folder).free
+    if need > free:
+        on_disk = [s for s in summarize(placement) if s.startswith("disk")]
+        raise PlanError(f"offload folder {folder}: {format_bytes(free)} free, but the layers placed on disk "
+                        f"({'; '.join(on_disk)}) need {format_bytes(need)}; free space there, pass another "
+                        f"offload_folder= or raise max_memory")
     return OffloadFolder(tempfile.mkdtemp(prefix="qopt-offload-", dir=folder))
 
 

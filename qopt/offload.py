@@ -8,6 +8,7 @@ before its forward (quantized weights through `set_quantized_state`, no re-quant
 """
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import weakref
@@ -22,6 +23,7 @@ from accelerate.utils import set_module_tensor_to_device
 from torch import nn
 
 from .errors import PlanError
+from .planning import format_bytes
 from .quantization import is_quantized, owning_module, set_quantized_state
 
 
@@ -34,7 +36,19 @@ class OffloadFolder:
         self.index: dict[str, dict[str, Any]] = {}
 
     def put(self, name: str, tensor: torch.Tensor) -> None:
-        offload_weight(tensor.detach().cpu(), name, str(self.folder), index=self.index)
+        try:
+            offload_weight(tensor.detach().cpu(), name, str(self.folder), index=self.index)
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise
+            nbytes = tensor.numel() * tensor.element_size()
+            raise PlanError(f"offload folder {self.folder.parent}: no space left writing '{name}' "
+                            f"({format_bytes(nbytes)}; {err.strerror}); free space there, pass another "
+                            f"offload_folder= or raise max_memory") from None
+
+    def remove(self) -> None:
+        """Delete what was written (a load that failed part-way leaves nothing behind)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
 
     def loader(self) -> OffloadedWeightsLoader:
         save_offload_index(self.index, str(self.folder))

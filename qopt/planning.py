@@ -87,6 +87,26 @@ def sizing_view(model: nn.Module, dtype: torch.dtype, kv_bytes_per_layer: int = 
     return view
 
 
+def format_bytes(n: int | float) -> str:
+    """1536 -> "1.5 KiB": sizes in messages, in the unit that keeps them readable."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def placed_bytes(model: nn.Module, dtype: torch.dtype, device_map: DeviceMap, device: int | str) -> int:
+    """Bytes of the weights `device_map` puts on `device` (quantized sizes), e.g. what disk offload will write."""
+    from accelerate.utils import compute_module_sizes
+
+    names = [name for name, placed in device_map.items() if placed == device]
+    if not names:
+        return 0
+    sizes = compute_module_sizes(sizing_view(model, dtype), dtype=dtype)
+    return sum(sizes[name] for name in names)
+
+
 # -- device maps ----------------------------------------------------------------------------------------------
 def normalize_max_memory(max_memory: dict[Any, Any] | None) -> dict[int | str, int]:
     """{0: "24GiB", "cpu": "64GiB"} -> bytes; "gpu" means device 0; None -> what this machine has free."""

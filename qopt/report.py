@@ -2,7 +2,10 @@
 
 `compare_precisions` loads one checkpoint at each precision and measures WikiText-2 perplexity (qopt.evaluation),
 the drift from a reference in the same compute dtype (KL, top-1 agreement) and the bytes the weights occupy;
-the report prints as a markdown table, saves as JSON and plots perplexity against weight memory. A baseline is
+the report prints as a markdown table, saves as JSON and plots perplexity against weight memory. A precision
+named "<preset>-calibrated" (e.g. "nf4-calibrated") is that preset with GPTQ rounding (qopt.calibration, the
+shipped calibration sample, fixed seed), so round-to-nearest and calibrated weights are judged in one run
+against the same reference; `gap_ratios` sets their gaps side by side. A baseline is
 such a report plus a relative tolerance: `check_baseline` re-runs its settings and lists what moved.
 """
 from __future__ import annotations
@@ -27,6 +30,7 @@ from .evaluation import describe_windows, evaluate_ids, plan_windows, text_ids
 
 UNQUANTIZED = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_PRECISIONS = ("fp32", "bf16", "int8", "nf4", "fp4", "nf4-dq")
+CALIBRATED = "-calibrated"  # suffix: the preset before it, rounded with GPTQ on calibration data
 QUANTIZED_COMPUTE = "bf16"  # quantized models compute in bf16 here, so bf16 is their reference (DECISIONS 8b)
 DEFAULT_TOLERANCE = 0.01
 BASELINE_FORMAT = 1
@@ -171,7 +175,10 @@ class ComparisonReport:
         return {"model": self.model, "settings": self.settings, "data": {
             "text": "WikiText-2 raw test, rows joined with \\n\\n", "total_tokens": self.total_tokens,
             "windows": self.windows, "scored_tokens": self.tokens},
-            "rows": [asdict(r) for r in self.rows], "environment": self.environment}
+            "rows": [asdict(r) for r in self.rows], "environment": self.environment,
+            **({"gap_ratios": {name: {"ratio": ratio, "gap": gap, "rtn_gap": rtn_gap}
+                               for name, (ratio, gap, rtn_gap) in self.gap_ratios().items()}}
+               if self.gap_ratios() else {})}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ComparisonReport":
@@ -190,7 +197,19 @@ class ComparisonReport:
             lines.append(f"| {r.precision} | {r.ppl:.3f} | {delta} | {r.reference or ''} | {kl} | {top1} | "
                          f"{r.weight_bytes / 1e6:.2f} | {r.linear_bits_per_param:.2f} | {r.bits_per_param:.2f} | "
                          f"{r.seconds:.1f} |")
+        for name, (ratio, gap, rtn_gap) in self.gap_ratios().items():
+            lines.append(f"\n{name}: gap {gap:+.3f} vs round-to-nearest {rtn_gap:+.3f}: ratio {ratio:.2f}")
         return "\n".join(lines)
+
+    def gap_ratios(self) -> dict[str, tuple[float, float, float]]:
+        """Calibrated precision -> (its gap / the round-to-nearest gap, its gap, that gap), when both ran."""
+        ratios = {}
+        for row in self.rows:
+            preset, calibrated = split_calibrated(row.precision)
+            rtn = self.row(preset)
+            if calibrated and rtn is not None and row.delta is not None and rtn.delta:
+                ratios[row.precision] = (row.delta / rtn.delta, row.delta, rtn.delta)
+        return ratios
 
     def save_json(self, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
         path = Path(path)
@@ -229,12 +248,27 @@ def reference_for(precision: str, precisions: Sequence[str]) -> str | None:
     return "fp32" if precision != "fp32" and "fp32" in precisions else None
 
 
+def split_calibrated(precision: str) -> tuple[str, bool]:
+    """("nf4", True) for "nf4-calibrated"; (precision, False) for anything else."""
+    if precision.endswith(CALIBRATED):
+        return precision[: -len(CALIBRATED)], True
+    return precision, False
+
+
 def load_precision(path: str | os.PathLike, precision: str) -> nn.Module:
+    """The model at `precision`; a calibrated one is calibrated here (its time counts as load time)."""
     from .loading import load
 
     if precision in UNQUANTIZED:
         return load(path, torch_dtype=UNQUANTIZED[precision], progress=False)
-    return load(path, quantization=precision, torch_dtype=UNQUANTIZED[QUANTIZED_COMPUTE], progress=False)
+    preset, calibrated = split_calibrated(precision)
+    compute = UNQUANTIZED[QUANTIZED_COMPUTE]
+    if not calibrated:
+        return load(path, quantization=preset, torch_dtype=compute, progress=False)
+    from .calibration import CalibrationConfig, calibrate
+
+    model, _ = calibrate(path, None, CalibrationConfig(quantization=preset, dtype=compute), progress=False)
+    return model
 
 
 def stored_precision(path: str | os.PathLike) -> str | None:
@@ -272,8 +306,8 @@ def _run_order(precisions: Sequence[str], reference: bool) -> list[str]:
     if not names:
         raise ValueError("precisions: expected at least one precision")
     for name in names:
-        if name not in UNQUANTIZED:
-            QuantizationConfig.from_name(name)  # an unknown name fails here, before any model is loaded
+        if name not in UNQUANTIZED:  # an unknown name fails here, before any model is loaded
+            QuantizationConfig.from_name(split_calibrated(name)[0])
     if reference and any(p not in UNQUANTIZED for p in names) and QUANTIZED_COMPUTE not in names:
         names.append(QUANTIZED_COMPUTE)
     return sorted(names, key=lambda p: (p not in UNQUANTIZED, p != "fp32"))

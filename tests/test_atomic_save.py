@@ -204,3 +204,53 @@ def test_overwriting_with_another_shard_layout_leaves_no_stale_weights(tmp_path,
     models[1].save_pretrained(fresh, max_shard_size=second)
     assert sorted(p.name for p in folder.iterdir()) == sorted([p.name for p in fresh.iterdir()] + ["README.md"])
     assert same(load_state_dict(folder), load_state_dict(fresh))
+
+
+def run_quantize(source: Path, out: Path, quant_type: str, kill_after: float | None = None) -> tuple[int, float]:
+    """`python -m qopt quantize` into `out`; with `kill_after`, SIGKILL that long after its staging folder
+    appears. Returns (exit code, seconds the staging folder existed: the write phase, when not killed)."""
+    proc = subprocess.Popen([sys.executable, "-m", "qopt", "quantize", str(source), "--out", str(out),
+                             "--quant-type", quant_type, "--max-shard-size", "2MB"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    staging = out.with_name(f".{out.name}.tmp-{proc.pid}")
+    while not staging.exists() and proc.poll() is None:
+        time.sleep(0.0005)
+    began = time.monotonic()
+    if kill_after is not None:
+        time.sleep(kill_after)
+        proc.kill()
+    while staging.exists() and proc.poll() is None:
+        time.sleep(0.0005)
+    staged = time.monotonic() - began
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode in (0, -signal.SIGKILL), err
+    return proc.returncode, staged
+
+
+def test_kill_of_qopt_quantize_mid_write_leaves_the_previous_quantized_copy(tmp_path):
+    source, out = tmp_path / "float", tmp_path / "quantized"
+    torch.manual_seed(0)
+    qopt.OPTForCausalLM(qopt.OPTConfig(**CONFIG)).eval().save_pretrained(source)
+    assert run_quantize(source, out, "nf4")[0] == 0
+    (out / "README.md").write_text("my notes\n")
+    nf4 = load_state_dict(out)
+    assert run_quantize(source, tmp_path / "fp4", "fp4")[0] == 0
+    fp4 = load_state_dict(tmp_path / "fp4")
+    _, seconds = run_quantize(source, tmp_path / "fp4", "fp4")  # how long the write phase lasts
+    outcomes = []
+    for fraction in (0.0, 0.1, 0.3, 0.5, 0.7, 0.9):
+        code, _ = run_quantize(source, out, "fp4", kill_after=fraction * seconds)
+        state = load_state_dict(out)
+        assert same(state, nf4) or same(state, fp4), "the folder holds neither the old nor the new checkpoint"
+        assert (out / "README.md").read_text() == "my notes\n"
+        outcomes.append("old" if same(state, nf4) else "new")
+        assert qopt.OPTConfig.from_pretrained(out).quantization_config["bnb_4bit_quant_type"] == \
+            ("nf4" if outcomes[-1] == "old" else "fp4")
+        if outcomes[-1] == "new":
+            assert run_quantize(source, out, "nf4")[0] == 0  # back to the old copy for the next kill
+            (out / "README.md").write_text("my notes\n")
+    assert outcomes.count("old") >= 2, f"too few kills landed inside the write: {outcomes}"
+    assert run_quantize(source, out, "fp4")[0] == 0
+    assert same(load_state_dict(out), fp4) and not leftovers(out)
+    model = qopt.load(out, progress=False)
+    assert type(model.model.decoder.layers[0].fc1).__name__ == "Linear4bit"

@@ -335,3 +335,19 @@ def test_one_precision_from_bits_and_quant_type(checkpoint, capsys):
     assert cli_main(["eval", str(checkpoint), "--precisions", "fp32", "int4"]) == 2
     assert "'int4'" in capsys.readouterr().err
     assert cli_main(["eval", str(checkpoint), "--compare", "--bits", "4"]) == 2
+
+
+def test_calibrated_and_round_to_nearest_are_judged_in_one_run(checkpoint, tmp_path, capsys):
+    """A "-calibrated" precision is GPTQ-rounded at load; same format and bytes as its preset, less drift."""
+    report = compare_precisions(checkpoint, ("nf4", "nf4-calibrated"), max_windows=3, progress=False)
+    assert [r.precision for r in report.rows] == ["bf16", "nf4", "nf4-calibrated"]
+    rtn, calibrated = report.row("nf4"), report.row("nf4-calibrated")
+    assert calibrated.reference == "bf16" and calibrated.weight_bytes == rtn.weight_bytes
+    assert calibrated.kl < rtn.kl
+    ratio, gap, rtn_gap = report.gap_ratios()["nf4-calibrated"]
+    assert gap == pytest.approx(calibrated.delta) and ratio == pytest.approx(calibrated.delta / rtn.delta)
+    report.save_json(tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text())["gap_ratios"]["nf4-calibrated"]["ratio"] == ratio
+    assert "nf4-calibrated: gap" in report.to_markdown()
+    assert cli_main(["eval", str(checkpoint), "--precisions", "int4-calibrated"]) == 2
+    assert "int4" in capsys.readouterr().err

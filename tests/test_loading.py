@@ -1,6 +1,9 @@
 """Streaming quantize-on-load: parity with transformers + bitsandbytes, pre-quantized checkpoints, disk offload."""
+import errno
 import gc
 import json
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -161,13 +164,18 @@ def test_mixed_precision_checkpoint_loads(fp16_checkpoint, tmp_path):
     assert torch.equal(logits(loaded), logits(model))
 
 
+def two_layer_budget(model) -> tuple[int, int]:
+    """A CPU budget with room for two decoder layers beside the embeddings, and the bytes of one layer."""
+    layer = sum(t.numel() * t.element_size() for t in model.model.decoder.layers[0].state_dict().values())
+    rest = sum(t.numel() * t.element_size() for n, t in model.state_dict().items()
+               if ".layers." not in n and n != "lm_head.weight")
+    return rest + 2 * layer + layer // 2, layer
+
+
 @pytest.mark.parametrize("name", ["nf4-dq", "int8"])
 def test_disk_offload_gives_the_in_memory_logits(four_layer_checkpoint, tmp_path, name):
     in_memory = load(four_layer_checkpoint, quantization=name, torch_dtype=BF16)
-    layer = sum(t.numel() * t.element_size() for t in in_memory.model.decoder.layers[0].state_dict().values())
-    rest = sum(t.numel() * t.element_size() for n, t in in_memory.state_dict().items()
-               if ".layers." not in n and n != "lm_head.weight")
-    budget = rest + 2 * layer + layer // 2  # room for two layers beside the embeddings, minus one kept free
+    budget, _ = two_layer_budget(in_memory)
     offloaded = load(four_layer_checkpoint, quantization=name, torch_dtype=BF16, device_map="auto",
                      max_memory={"cpu": budget}, offload_folder=tmp_path)
     on_disk = [n for n, d in offloaded.hf_device_map.items() if d == "disk"]
@@ -200,6 +208,64 @@ def test_explicit_device_map_with_a_disk_layer(four_layer_checkpoint, tmp_path):
                      offload_folder=tmp_path)
     assert offloaded.hf_device_map == device_map
     assert torch.equal(logits(offloaded), logits(load(four_layer_checkpoint, quantization="fp4", torch_dtype=BF16)))
+
+
+def test_offload_folder_without_space_is_refused_before_any_tensor_is_read(four_layer_checkpoint, tmp_path,
+                                                                          monkeypatch):
+    from collections import namedtuple
+
+    import qopt.loading
+
+    budget, layer = two_layer_budget(load(four_layer_checkpoint, quantization="nf4", torch_dtype=BF16))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(qopt.loading.shutil, "disk_usage", lambda path: usage(10 * layer, 9 * layer, layer))
+    monkeypatch.setattr(qopt.loading, "iter_shard_tensors", lambda *a: pytest.fail("read before the space check"))
+    with pytest.raises(PlanError, match=r"offload folder .*: [\d.]+ KiB free, but the layers placed on disk "
+                                        r"\(disk: layers [\d-]+\) need [\d.]+ KiB"):
+        load(four_layer_checkpoint, quantization="nf4", torch_dtype=BF16, device_map="auto",
+             max_memory={"cpu": budget}, offload_folder=tmp_path / "offload")
+    assert list((tmp_path / "offload").iterdir()) == []
+
+
+def _fill_after_first_file(original):
+    calls = []
+
+    def offload_weight(weight, name, folder, index=None):
+        if calls:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        calls.append(name)
+        return original(weight, name, folder, index=index)
+    return offload_weight
+
+
+@pytest.mark.parametrize("filesystem", ["simulated", "tmpfs"])
+def test_offload_folder_filling_up_mid_load_names_the_tensor_and_leaves_nothing(four_layer_checkpoint, tmp_path,
+                                                                              monkeypatch, filesystem):
+    """The space check passed, then the disk filled (another writer): one error naming the tensor, no debris."""
+    import qopt.loading
+    import qopt.offload
+
+    budget, layer = two_layer_budget(load(four_layer_checkpoint, quantization="nf4", torch_dtype=BF16))
+    folder = tmp_path / "offload"
+    folder.mkdir()
+    if filesystem == "tmpfs":
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={layer // 2}", "tmpfs", str(folder)],
+                                 capture_output=True)
+        if mounted.returncode:
+            pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+        plenty = shutil.disk_usage(tmp_path)
+        monkeypatch.setattr(qopt.loading.shutil, "disk_usage", lambda path: plenty)
+    else:
+        monkeypatch.setattr(qopt.offload, "offload_weight", _fill_after_first_file(qopt.offload.offload_weight))
+    try:
+        with pytest.raises(PlanError, match=r"offload folder .*: no space left writing "
+                                            r"'model\.decoder\.layers\.\d\.[\w.]+' \([\d.]+ (B|KiB);"):
+            load(four_layer_checkpoint, quantization="nf4", torch_dtype=BF16, device_map="auto",
+                 max_memory={"cpu": budget}, offload_folder=folder)
+        assert list(folder.iterdir()) == []  # the partial offload folder was removed
+    finally:
+        if filesystem == "tmpfs":
+            subprocess.run(["umount", str(folder)], check=True)
 
 
 def test_placement_errors(four_layer_checkpoint, tmp_path):
