@@ -94,6 +94,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--write-baseline", metavar="FILE", help="save this run as a gate baseline")
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                    help=f"relative tolerance stored by --write-baseline (default {DEFAULT_TOLERANCE})")
+    p.add_argument("--max-gap-ratio", type=float, metavar="R",
+                   help="stored by --write-baseline: each calibrated precision's gap to its reference must stay "
+                        "at most R x its round-to-nearest preset's gap (e.g. 0.5)")
     p.set_defaults(handler=_eval)
 
 
@@ -102,7 +105,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     if args.check:
         given = [f"--{k.replace('_', '-')}" for k in ("compare", "precisions", "bits", "quant_type", "double_quant",
-                                                       "seqlen", "stride", "windows") if getattr(args, k)]
+                                                       "seqlen", "stride", "windows", "max_gap_ratio")
+                 if getattr(args, k)]
         if given:
             raise ValueError(f"--check re-runs the settings stored in {args.check}; drop {' '.join(given)}")
         baseline, tolerance = rp.read_baseline(args.check)
@@ -127,15 +131,16 @@ def _eval(args: argparse.Namespace) -> int:
     if args.plot:
         result.save_plot(args.plot)
     if args.write_baseline:
-        rp.write_baseline(result, args.write_baseline, args.tolerance)
-        print(f"baseline written to {args.write_baseline} (tolerance ±{args.tolerance:.2%})")
+        limits = rp.Tolerance(args.tolerance, args.max_gap_ratio)
+        rp.write_baseline(result, args.write_baseline, limits)
+        print(f"baseline written to {args.write_baseline} (tolerance {limits.describe()})")
     if not args.check:
         return 0
     problems = rp.check_baseline(result, baseline, tolerance)
     for problem in problems:
         print(f"qopt eval: gate: {problem}", file=sys.stderr)
     print(f"gate {args.check}: " + (f"{len(problems)} violation(s)" if problems else
-                                    f"all {len(baseline.rows)} perplexities within ±{tolerance:.2%}"))
+                                    f"all {len(baseline.rows)} perplexities within {tolerance.describe()}"))
     return 1 if problems else 0
 
 

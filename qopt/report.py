@@ -6,7 +6,7 @@ the report prints as a markdown table, saves as JSON and plots perplexity agains
 named "<preset>-calibrated" (e.g. "nf4-calibrated") is that preset with GPTQ rounding (qopt.calibration, the
 shipped calibration sample, fixed seed), so round-to-nearest and calibrated weights are judged in one run
 against the same reference; `gap_ratios` sets their gaps side by side. A baseline is
-such a report plus a relative tolerance: `check_baseline` re-runs its settings and lists what moved.
+such a report plus a `Tolerance`: `check_baseline` re-runs its settings and lists what moved.
 """
 from __future__ import annotations
 
@@ -383,16 +383,39 @@ def model_label(model_path: str | os.PathLike) -> str:
     return BUNDLED if path.exists() and path.resolve() == bundled_model_dir().resolve() else str(model_path)
 
 
-def write_baseline(report: ComparisonReport, path: str | os.PathLike, tolerance: float = DEFAULT_TOLERANCE,
+@dataclass(frozen=True)
+class Tolerance:
+    """What a baseline allows: each perplexity within ±`relative`, and optionally every calibrated precision's
+    gap at most `max_gap_ratio` times its round-to-nearest preset's gap (a claim the gate keeps true)."""
+    relative: float = DEFAULT_TOLERANCE
+    max_gap_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.relative < 1:
+            raise ValueError(f"tolerance {self.relative}: expected a relative tolerance between 0 and 1 (e.g. 0.01)")
+        if self.max_gap_ratio is not None and not self.max_gap_ratio > 0:
+            raise ValueError(f"max_gap_ratio {self.max_gap_ratio}: expected a positive ratio (e.g. 0.5)")
+
+    def describe(self) -> str:
+        ratio = "" if self.max_gap_ratio is None else f", calibrated gap <= {self.max_gap_ratio:g} x round-to-nearest"
+        return f"±{self.relative:.2%}{ratio}"
+
+
+def write_baseline(report: ComparisonReport, path: str | os.PathLike, tolerance: Tolerance | float = Tolerance()
                    ) -> None:
-    """A report plus the gate's relative tolerance; its settings are what `check_baseline` re-runs."""
-    if not 0 < tolerance < 1:
-        raise ValueError(f"tolerance {tolerance}: expected a relative tolerance between 0 and 1 (e.g. 0.01)")
-    data = {"format": BASELINE_FORMAT, "tolerance": {"relative": tolerance}}
+    """A report plus what the gate allows; its settings are what `check_baseline` re-runs."""
+    tolerance = tolerance if isinstance(tolerance, Tolerance) else Tolerance(tolerance)
+    if tolerance.max_gap_ratio is not None and not report.gap_ratios():
+        raise ValueError("max_gap_ratio needs a calibrated precision and its round-to-nearest preset in the run "
+                         "(e.g. nf4 and nf4-calibrated)")
+    limits = {"relative": tolerance.relative}
+    if tolerance.max_gap_ratio is not None:
+        limits["max_gap_ratio"] = tolerance.max_gap_ratio
+    data = {"format": BASELINE_FORMAT, "tolerance": limits}
     replace(report, model=model_label(report.model)).save_json(path, extra=data)
 
 
-def read_baseline(path: str | os.PathLike) -> tuple[ComparisonReport, float]:
+def read_baseline(path: str | os.PathLike) -> tuple[ComparisonReport, Tolerance]:
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -403,16 +426,20 @@ def read_baseline(path: str | os.PathLike) -> tuple[ComparisonReport, float]:
     if data.get("format") != BASELINE_FORMAT:
         raise ValueError(f"{path}: field 'format' is {data.get('format')!r}, expected {BASELINE_FORMAT}")
     try:
-        tolerance = float(data["tolerance"]["relative"])
+        limits = data["tolerance"]
+        relative = float(limits["relative"])
+        ratio = limits.get("max_gap_ratio")
+        ratio = None if ratio is None else float(ratio)
         report = ComparisonReport.from_dict(data)
         missing = [k for k in ("precisions", "seqlen") if k not in report.settings]
         if missing:
             raise KeyError(f"settings.{missing[0]}")
-    except (KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise ValueError(f"{path}: malformed baseline (missing or bad field {err})") from None
-    if not 0 < tolerance < 1:
-        raise ValueError(f"{path}: field 'tolerance.relative' is {tolerance}, expected between 0 and 1")
-    return report, tolerance
+    try:
+        return report, Tolerance(relative, ratio)
+    except ValueError as err:
+        raise ValueError(f"{path}: field 'tolerance': {err}") from None
 
 
 def baseline_model_path(baseline: ComparisonReport) -> str:
@@ -430,8 +457,11 @@ def rerun_baseline(baseline: ComparisonReport, model_path: str | os.PathLike | N
                               progress=progress)
 
 
-def check_baseline(measured: ComparisonReport, baseline: ComparisonReport, tolerance: float) -> list[str]:
-    """One line per violation: a perplexity outside baseline * (1 ± tolerance), or a changed token count."""
+def check_baseline(measured: ComparisonReport, baseline: ComparisonReport, tolerance: Tolerance | float
+                   ) -> list[str]:
+    """One line per violation: a perplexity outside baseline * (1 ± relative), a changed token count, or a
+    calibrated gap above max_gap_ratio x its round-to-nearest gap."""
+    tolerance = tolerance if isinstance(tolerance, Tolerance) else Tolerance(tolerance)
     problems = []
     if (measured.windows, measured.tokens) != (baseline.windows, baseline.tokens):
         problems.append(f"data: {measured.windows} windows / {measured.tokens:,} scored tokens, baseline "
@@ -442,7 +472,14 @@ def check_baseline(measured: ComparisonReport, baseline: ComparisonReport, toler
             problems.append(f"{base.precision}: not measured (baseline {base.ppl:.4f})")
             continue
         moved = (row.ppl - base.ppl) / base.ppl
-        if not abs(moved) <= tolerance:  # also catches NaN
+        if not abs(moved) <= tolerance.relative:  # also catches NaN
             problems.append(f"{base.precision}: perplexity {row.ppl:.4f} vs baseline {base.ppl:.4f} "
-                            f"({moved:+.2%}), tolerance ±{tolerance:.2%}")
+                            f"({moved:+.2%}), tolerance ±{tolerance.relative:.2%}")
+    if tolerance.max_gap_ratio is not None:
+        ratios = measured.gap_ratios()
+        for name in baseline.gap_ratios():
+            ratio, gap, rtn_gap = ratios.get(name, (math.nan, math.nan, math.nan))
+            if not ratio <= tolerance.max_gap_ratio:
+                problems.append(f"{name}: gap {gap:+.4f} is {ratio:.2f} x round-to-nearest's {rtn_gap:+.4f}, "
+                                f"allowed {tolerance.max_gap_ratio:g} x")
     return problems

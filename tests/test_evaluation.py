@@ -13,7 +13,8 @@ import qopt
 from qopt.cli import main as cli_main
 from qopt.evaluation import (describe_windows, evaluate_ids, evaluate_perplexity, plan_windows, text_ids,
                              wikitext2_text)
-from qopt.report import ComparisonReport, check_baseline, compare_precisions, read_baseline, weight_footprint
+from qopt.report import (ComparisonReport, Tolerance, check_baseline, compare_precisions, read_baseline,
+                         weight_footprint, write_baseline)
 
 SEQ = 64  # TINY's max_position_embeddings
 PREFIX = 20_000  # characters of WikiText-2 used where the full text is not the point
@@ -245,7 +246,7 @@ def test_gate_passes_within_tolerance_and_fails_beyond(checkpoint, tmp_path, cap
     assert cli_main(args + ["--precisions", "fp32", "bf16", "--write-baseline", str(base),
                             "--tolerance", "0.01", "--json", str(tmp_path / "r.json")]) == 0
     baseline, tolerance = read_baseline(base)
-    assert tolerance == 0.01 and baseline.settings["windows"] == 2 and len(baseline.rows) == 2
+    assert tolerance.relative == 0.01 and tolerance.max_gap_ratio is None and baseline.settings["windows"] == 2 and len(baseline.rows) == 2
     assert cli_main(["eval", str(folder), "--check", str(base)]) == 0
     assert "within" in capsys.readouterr().out
 
@@ -351,3 +352,22 @@ def test_calibrated_and_round_to_nearest_are_judged_in_one_run(checkpoint, tmp_p
     assert "nf4-calibrated: gap" in report.to_markdown()
     assert cli_main(["eval", str(checkpoint), "--precisions", "int4-calibrated"]) == 2
     assert "int4" in capsys.readouterr().err
+
+
+def test_gate_keeps_the_calibrated_gap_ratio_claim(checkpoint, tmp_path, capsys):
+    report = compare_precisions(checkpoint, ("nf4", "nf4-calibrated"), max_windows=2, progress=False)
+    rtn = report.row("nf4")
+    rtn.delta = 0.2  # a known round-to-nearest gap, so the ratio below is set by the test
+    report.row("nf4-calibrated").delta = 0.18
+    assert report.gap_ratios()["nf4-calibrated"][0] == pytest.approx(0.9)
+    assert check_baseline(report, report, Tolerance(0.01, max_gap_ratio=0.95)) == []
+    problem, = check_baseline(report, report, Tolerance(0.01, max_gap_ratio=0.5))
+    assert "nf4-calibrated: gap +0.1800 is 0.90 x round-to-nearest's +0.2000, allowed 0.5 x" == problem
+    write_baseline(report, tmp_path / "b.json", Tolerance(0.01, max_gap_ratio=0.5))
+    baseline, tolerance = read_baseline(tmp_path / "b.json")
+    assert tolerance == Tolerance(0.01, 0.5) and baseline.gap_ratios() == report.gap_ratios()
+    with pytest.raises(ValueError, match="needs a calibrated precision"):
+        write_baseline(compare_precisions(checkpoint, ("bf16",), max_windows=1, progress=False),
+                       tmp_path / "c.json", Tolerance(0.01, max_gap_ratio=0.5))
+    assert cli_main(["eval", str(checkpoint), "--check", str(tmp_path / "b.json"), "--max-gap-ratio", "1"]) == 2
+    assert "--max-gap-ratio" in capsys.readouterr().err
