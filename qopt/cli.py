@@ -114,6 +114,8 @@ def _eval(args: argparse.Namespace) -> int:
     else:
         if (args.quant_type or args.double_quant) and args.bits != 4:
             raise ValueError("--quant-type and --double-quant apply to --bits 4")
+        if args.max_gap_ratio is not None and not args.write_baseline:
+            raise ValueError("--max-gap-ratio is stored in a baseline: use it with --write-baseline")
         if args.bits and (args.compare or args.precisions):
             raise ValueError("--bits picks one precision; with --compare, list them with --precisions")
         model = _model_path(args.model)

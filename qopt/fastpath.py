@@ -117,23 +117,31 @@ class RowQuantizer:
 
 
 def quantize_rows(a: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """bitsandbytes' int8_vectorwise_quant on the fp16-cast rows: (codes, row absmax, outlier columns or None).
+    """bitsandbytes' int8_vectorwise_quant on the fp16-cast rows: (codes, row absmax as a column, outlier columns
+    or None).
 
-    Outliers (|x| >= threshold) are zeroed before the absmax; with several rows their columns are zeroed too."""
+    Outliers (|x| >= threshold) are zeroed before the absmax; with several rows their columns are zeroed too.
+    A row has outliers only if its absmax reaches the threshold, so the common case skips the outlier search:
+    at one token per call the fixed cost of each tensor op is what decode time is made of."""
     a16 = a.to(torch.float16)
     magnitude = a16.abs()
+    row_max = torch.amax(magnitude, dim=1, keepdim=True)
     columns = None
     if threshold > 0.0:
-        outliers = magnitude >= threshold
-        columns = torch.empty(0, dtype=torch.long, device=a.device)
-        if outliers.any():
+        columns = _NO_COLUMNS
+        if (row_max.item() if row_max.numel() == 1 else row_max.max().item()) >= threshold:
+            outliers = magnitude >= threshold
             columns = torch.argwhere(outliers.any(dim=0)).view(-1)
             a16, magnitude = a16.masked_fill(outliers, 0), magnitude.masked_fill(outliers, 0)
-    row_scales = torch.max(magnitude, dim=1).values.float()
-    codes = torch.round(a16 * (127.0 / row_scales.unsqueeze(-1))).to(torch.int8)
-    if a.shape[0] > 1 and columns is not None:
+            row_max = torch.amax(magnitude, dim=1, keepdim=True)
+    row_scales = row_max.float()
+    codes = torch.round(a16 * (127.0 / row_scales)).to(torch.int8)
+    if a.shape[0] > 1 and columns is not None and columns.numel():
         codes[:, columns] = 0
     return codes, row_scales, columns
+
+
+_NO_COLUMNS = torch.empty(0, dtype=torch.long)  # read-only by contract: no outlier column in this input
 
 
 def lean_int8_forward(module: bnb.nn.Linear8bitLt, quantizer: RowQuantizer | None = None
@@ -144,26 +152,33 @@ def lean_int8_forward(module: bnb.nn.Linear8bitLt, quantizer: RowQuantizer | Non
         return None
     own = module.forward
     quantizer = quantizer or RowQuantizer()
+    views: list = [None, None]  # the weight codes they were made from, (codes.t(), scales as a row)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         state, bias = module.state, module.bias
         if module.training or x.requires_grad or x.device.type != "cpu" or state.CB is None or x.numel() == 0 \
                 or (bias is not None and bias.dtype != x.dtype):
             return own(x)  # also the first call, which moves the weight into `state`
-        out = int8_matmul(x.reshape(-1, x.shape[-1]), quantizer(x, state.threshold), state.CB, state.SCB, bias)
+        if views[0] is not state.CB or views[1][1].data_ptr() != state.SCB.data_ptr():
+            views[:] = [state.CB, (state.CB.t(), state.SCB.unsqueeze(0))]
+        out = int8_matmul(x.reshape(-1, x.shape[-1]), quantizer(x, state.threshold), state.CB, state.SCB, bias,
+                          views[1])
         return out.view(*x.shape[:-1], state.CB.shape[0])
 
     return forward
 
 
 def int8_matmul(a: torch.Tensor, quantized: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
-                codes_b: torch.Tensor, scales_b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+                codes_b: torch.Tensor, scales_b: torch.Tensor, bias: torch.Tensor | None,
+                views: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """bitsandbytes' int8_scaled_mm / int8_mixed_scaled_mm, op for op: the int8 matmul of the quantized rows,
-    rescaling, and the outlier columns added back in the input's precision."""
+    rescaling, and the outlier columns added back in the input's precision. `views`: (codes_b.t(), scales_b as
+    a row), which a caller making many calls can keep."""
     codes_a, row_scales, columns = quantized
-    product = torch._int_mm(codes_a, codes_b.t()) if _INT_MM else \
+    codes_t, scales_row = views or (codes_b.t(), scales_b.unsqueeze(0))
+    product = torch._int_mm(codes_a, codes_t) if _INT_MM else \
         torch.ops.bitsandbytes.int8_linear_matmul.default(codes_a, codes_b)
-    out = product * (row_scales.unsqueeze(-1) * scales_b.unsqueeze(0)) * 6.200124e-05
+    out = product * (row_scales * scales_row) * 6.200124e-05
     if bias is not None:
         out += bias
     out = out.to(a.dtype)

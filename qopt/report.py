@@ -217,15 +217,18 @@ class ComparisonReport:
         atomic_write_text(path, json.dumps({**self.to_dict(), **(extra or {})}, indent=2) + "\n")
 
     def save_plot(self, path: str | os.PathLike) -> None:
-        """Perplexity against weight memory, one labelled point per precision (Agg canvas, no pyplot state)."""
+        """Perplexity against weight memory, one point per precision named in a legend (points of one format
+        sit at the same memory, where labels beside them would collide); Agg canvas, no pyplot state."""
         from matplotlib.figure import Figure
 
-        fig = Figure(figsize=(6.4, 4.4), dpi=120)
+        fig = Figure(figsize=(7.6, 4.4), dpi=120)
         ax = fig.add_subplot()
-        for i, r in enumerate(sorted(self.rows, key=lambda r: r.ppl)):  # neighbours' labels go above / below
-            ax.scatter(r.weight_bytes / 1e6, r.ppl, s=36)
-            ax.annotate(r.precision, (r.weight_bytes / 1e6, r.ppl), textcoords="offset points",
-                        xytext=(6, 5 if i % 2 else -12))
+        for r in sorted(self.rows, key=lambda r: r.ppl):
+            marker = "*" if split_calibrated(r.precision)[1] else "D" if r.precision in UNQUANTIZED else "o"
+            ax.scatter(r.weight_bytes / 1e6, r.ppl, s=70 if marker == "*" else 36, marker=marker,
+                       label=f"{r.precision}: {r.ppl:.3f}")
+        ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False,
+                  title="perplexity", title_fontsize=8)
         ax.set_xlabel("weight memory (MB)")
         ax.set_ylabel("WikiText-2 perplexity")
         name = Path(model_label(self.model)).name

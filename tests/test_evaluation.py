@@ -371,3 +371,5 @@ def test_gate_keeps_the_calibrated_gap_ratio_claim(checkpoint, tmp_path, capsys)
                        tmp_path / "c.json", Tolerance(0.01, max_gap_ratio=0.5))
     assert cli_main(["eval", str(checkpoint), "--check", str(tmp_path / "b.json"), "--max-gap-ratio", "1"]) == 2
     assert "--max-gap-ratio" in capsys.readouterr().err
+    assert cli_main(["eval", str(checkpoint), "--precisions", "nf4", "--max-gap-ratio", "0.5"]) == 2
+    assert "use it with --write-baseline" in capsys.readouterr().err
