@@ -197,19 +197,31 @@ class ComparisonReport:
             lines.append(f"| {r.precision} | {r.ppl:.3f} | {delta} | {r.reference or ''} | {kl} | {top1} | "
                          f"{r.weight_bytes / 1e6:.2f} | {r.linear_bits_per_param:.2f} | {r.bits_per_param:.2f} | "
                          f"{r.seconds:.1f} |")
-        for name, (ratio, gap, rtn_gap) in self.gap_ratios().items():
-            lines.append(f"\n{name}: gap {gap:+.3f} vs round-to-nearest {rtn_gap:+.3f}: ratio {ratio:.2f}")
+        ratios = self.gap_ratios()
+        for row, rtn in self._calibrated_pairs():
+            if row.precision in ratios:
+                ratio, gap, rtn_gap = ratios[row.precision]
+                lines.append(f"\n{row.precision}: gap {gap:+.3f} vs round-to-nearest {rtn_gap:+.3f}: ratio {ratio:.2f}")
+            else:
+                lines.append(f"\n{row.precision}: gap {row.delta:+.3f} vs round-to-nearest {rtn.delta:+.3f}: no ratio "
+                             f"(round-to-nearest costs nothing measurable on these windows)")
         return "\n".join(lines)
 
-    def gap_ratios(self) -> dict[str, tuple[float, float, float]]:
-        """Calibrated precision -> (its gap / the round-to-nearest gap, its gap, that gap), when both ran."""
-        ratios = {}
+    def _calibrated_pairs(self) -> list[tuple[PrecisionRow, PrecisionRow]]:
+        """(calibrated row, its round-to-nearest preset's row) for each pair measured against a reference."""
+        pairs = []
         for row in self.rows:
             preset, calibrated = split_calibrated(row.precision)
             rtn = self.row(preset)
-            if calibrated and rtn is not None and row.delta is not None and rtn.delta:
-                ratios[row.precision] = (row.delta / rtn.delta, row.delta, rtn.delta)
-        return ratios
+            if calibrated and rtn is not None and row.delta is not None and rtn.delta is not None:
+                pairs.append((row, rtn))
+        return pairs
+
+    def gap_ratios(self) -> dict[str, tuple[float, float, float]]:
+        """Calibrated precision -> (its gap / the round-to-nearest gap, its gap, that gap), where round-to-nearest
+        has a positive gap to shrink (at or below zero the ratio means nothing)."""
+        return {row.precision: (row.delta / rtn.delta, row.delta, rtn.delta)
+                for row, rtn in self._calibrated_pairs() if rtn.delta > 0}
 
     def save_json(self, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
         path = Path(path)
@@ -481,7 +493,11 @@ def check_baseline(measured: ComparisonReport, baseline: ComparisonReport, toler
     if tolerance.max_gap_ratio is not None:
         ratios = measured.gap_ratios()
         for name in baseline.gap_ratios():
-            ratio, gap, rtn_gap = ratios.get(name, (math.nan, math.nan, math.nan))
+            if name not in ratios:
+                problems.append(f"{name}: its round-to-nearest preset no longer shows a positive gap (or did not "
+                                f"run), so the ratio cannot be checked")
+                continue
+            ratio, gap, rtn_gap = ratios[name]
             if not ratio <= tolerance.max_gap_ratio:
                 problems.append(f"{name}: gap {gap:+.4f} is {ratio:.2f} x round-to-nearest's {rtn_gap:+.4f}, "
                                 f"allowed {tolerance.max_gap_ratio:g} x")

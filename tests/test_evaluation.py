@@ -345,11 +345,10 @@ def test_calibrated_and_round_to_nearest_are_judged_in_one_run(checkpoint, tmp_p
     rtn, calibrated = report.row("nf4"), report.row("nf4-calibrated")
     assert calibrated.reference == "bf16" and calibrated.weight_bytes == rtn.weight_bytes
     assert calibrated.kl < rtn.kl
-    ratio, gap, rtn_gap = report.gap_ratios()["nf4-calibrated"]
-    assert gap == pytest.approx(calibrated.delta) and ratio == pytest.approx(calibrated.delta / rtn.delta)
+    assert f"nf4-calibrated: gap {calibrated.delta:+.3f} vs round-to-nearest {rtn.delta:+.3f}" in report.to_markdown()
     report.save_json(tmp_path / "r.json")
-    assert json.loads((tmp_path / "r.json").read_text())["gap_ratios"]["nf4-calibrated"]["ratio"] == ratio
-    assert "nf4-calibrated: gap" in report.to_markdown()
+    saved = json.loads((tmp_path / "r.json").read_text()).get("gap_ratios", {})
+    assert {k: tuple(v.values()) for k, v in saved.items()} == report.gap_ratios()  # the ratio math: next test
     assert cli_main(["eval", str(checkpoint), "--precisions", "int4-calibrated"]) == 2
     assert "int4" in capsys.readouterr().err
 
@@ -363,6 +362,11 @@ def test_gate_keeps_the_calibrated_gap_ratio_claim(checkpoint, tmp_path, capsys)
     assert check_baseline(report, report, Tolerance(0.01, max_gap_ratio=0.95)) == []
     problem, = check_baseline(report, report, Tolerance(0.01, max_gap_ratio=0.5))
     assert "nf4-calibrated: gap +0.1800 is 0.90 x round-to-nearest's +0.2000, allowed 0.5 x" == problem
+    rtn.delta = -0.1  # round-to-nearest below the reference: no ratio to report or check
+    assert report.gap_ratios() == {} and "no ratio" in report.to_markdown()
+    problem, = check_baseline(report, _with_delta(report, "nf4", 0.2), Tolerance(0.01, max_gap_ratio=0.5))
+    assert "cannot be checked" in problem
+    rtn.delta = 0.2
     write_baseline(report, tmp_path / "b.json", Tolerance(0.01, max_gap_ratio=0.5))
     baseline, tolerance = read_baseline(tmp_path / "b.json")
     assert tolerance == Tolerance(0.01, 0.5) and baseline.gap_ratios() == report.gap_ratios()
@@ -373,3 +377,9 @@ def test_gate_keeps_the_calibrated_gap_ratio_claim(checkpoint, tmp_path, capsys)
     assert "--max-gap-ratio" in capsys.readouterr().err
     assert cli_main(["eval", str(checkpoint), "--precisions", "nf4", "--max-gap-ratio", "0.5"]) == 2
     assert "use it with --write-baseline" in capsys.readouterr().err
+
+
+def _with_delta(report: ComparisonReport, precision: str, delta: float) -> ComparisonReport:
+    copy = ComparisonReport.from_dict(report.to_dict())
+    copy.row(precision).delta = delta
+    return copy
