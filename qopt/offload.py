@@ -2,8 +2,8 @@
 
 accelerate's own disk offload writes a bitsandbytes layer's tensors correctly but cannot put them back (it
 rebuilds `Params4bit` around a meta quant state; `Linear8bitLt` assumes a GPU). Here the offload folder holds
-each layer's tensors in the standard saved layout (accelerate's `offload_weight` format: one `.dat` memmap per
-tensor plus `index.json`), and `RebuildOnForward`, an accelerate `ModelHook`, rebuilds the layer from them
+each layer's tensors in the standard saved layout (accelerate's `offload_weight` format: one raw `.dat` file per
+tensor plus `index.json`, read back through accelerate's memory-mapped loader), and `RebuildOnForward`, an accelerate `ModelHook`, rebuilds the layer from them
 before its forward (quantized weights through `set_quantized_state`, no re-quantization) and frees it after.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from accelerate.hooks import ModelHook, add_hook_to_module
-from accelerate.utils import OffloadedWeightsLoader, offload_weight, save_offload_index, send_to_device
+from accelerate.utils import OffloadedWeightsLoader, save_offload_index, send_to_device
 from accelerate.utils import set_module_tensor_to_device
 from torch import nn
 
@@ -36,15 +36,25 @@ class OffloadFolder:
         self.index: dict[str, dict[str, Any]] = {}
 
     def put(self, name: str, tensor: torch.Tensor) -> None:
+        """Write one tensor in accelerate's `offload_weight` layout (raw `.dat` + index entry), but through plain
+        file writes: a full disk then raises ENOSPC here, where writing through a memory map (as `offload_weight`
+        does) would kill the process with SIGBUS."""
+        tensor, dtype = tensor.detach().cpu(), None
+        if tensor.dtype == torch.bfloat16:  # NumPy has no bfloat16: stored as int16, as accelerate does
+            tensor, dtype = tensor.view(torch.int16), "bfloat16"
+        elif str(tensor.dtype).startswith("torch.float8_"):
+            tensor, dtype = tensor.view(torch.int8), str(tensor.dtype).split(".")[1]
+        array = tensor.contiguous().numpy()
         try:
-            offload_weight(tensor.detach().cpu(), name, str(self.folder), index=self.index)
+            with open(self.folder / f"{name}.dat", "wb") as file:
+                file.write(memoryview(array.reshape(-1)).cast("B"))  # OSError with errno on a short write
         except OSError as err:
             if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                 raise
-            nbytes = tensor.numel() * tensor.element_size()
             raise PlanError(f"offload folder {self.folder.parent}: no space left writing '{name}' "
-                            f"({format_bytes(nbytes)}; {err.strerror}); free space there, pass another "
+                            f"({format_bytes(array.nbytes)}; {err.strerror}); free space there, pass another "
                             f"offload_folder= or raise max_memory") from None
+        self.index[name] = {"dtype": dtype or str(array.dtype), "shape": list(array.shape)}
 
     def remove(self) -> None:
         """Delete what was written (a load that failed part-way leaves nothing behind)."""

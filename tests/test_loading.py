@@ -4,6 +4,7 @@ import gc
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -227,15 +228,36 @@ def test_offload_folder_without_space_is_refused_before_any_tensor_is_read(four_
     assert list((tmp_path / "offload").iterdir()) == []
 
 
-def _fill_after_first_file(original):
-    calls = []
+def _full_after_first_file(folder: Path):
+    """`open` for qopt.offload: the first tensor file opens, every later one finds the disk full."""
+    opened = []
 
-    def offload_weight(weight, name, folder, index=None):
-        if calls:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        calls.append(name)
-        return original(weight, name, folder, index=index)
-    return offload_weight
+    def fake_open(path, mode="r", *args, **kwargs):
+        if Path(path).parent == folder or Path(path).parent.parent == folder:
+            if opened:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            opened.append(path)
+        return open(path, mode, *args, **kwargs)
+    return fake_open
+
+
+def test_offload_files_are_what_accelerate_writes_and_reads(tmp_path):
+    from accelerate.utils import load_offloaded_weight, offload_weight
+
+    from qopt.offload import OffloadFolder
+
+    ours, index = OffloadFolder(tmp_path / "ours"), {}
+    (tmp_path / "theirs").mkdir()
+    tensors = {"a.weight": torch.randn(5, 7, dtype=BF16), "b.absmax": torch.rand(9), "c.weight": torch.randint(
+        0, 255, (6, 1), dtype=torch.uint8), "d.scalar": torch.tensor(3.5), "e.codes": torch.randn(4, 4)[:, ::2]}
+    for name, tensor in tensors.items():
+        ours.put(name, tensor)
+        offload_weight(tensor.contiguous(), name, str(tmp_path / "theirs"), index=index)
+    assert ours.index == index
+    for name, tensor in tensors.items():
+        assert (tmp_path / "ours" / f"{name}.dat").read_bytes() == (tmp_path / "theirs" / f"{name}.dat").read_bytes()
+        back = load_offloaded_weight(str(tmp_path / "ours" / f"{name}.dat"), ours.index[name])
+        assert torch.equal(back, tensor)
 
 
 @pytest.mark.parametrize("filesystem", ["simulated", "tmpfs"])
@@ -256,7 +278,7 @@ def test_offload_folder_filling_up_mid_load_names_the_tensor_and_leaves_nothing(
         plenty = shutil.disk_usage(tmp_path)
         monkeypatch.setattr(qopt.loading.shutil, "disk_usage", lambda path: plenty)
     else:
-        monkeypatch.setattr(qopt.offload, "offload_weight", _fill_after_first_file(qopt.offload.offload_weight))
+        monkeypatch.setattr(qopt.offload, "open", _full_after_first_file(folder), raising=False)
     try:
         with pytest.raises(PlanError, match=r"offload folder .*: no space left writing "
                                             r"'model\.decoder\.layers\.\d\.[\w.]+' \([\d.]+ (B|KiB);"):
