@@ -23,7 +23,6 @@ import torch
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from bitsandbytes import functional as bnbf
-from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -156,25 +155,14 @@ class _LayerReader:
 
     def tensors(self, select: Callable[[str], bool]) -> dict[str, torch.Tensor]:
         """The tensors whose (model-side) names `select` accepts, keyed by those names."""
-        found: dict[str, torch.Tensor] = {}
-        if self.files.format == "safetensors":
-            by_file: dict[Path, list[str]] = {}
-            for raw, info in self.files.tensors.items():
-                if select(normalize_key(raw, True)):
-                    by_file.setdefault(info.file, []).append(raw)
-            for file, names in by_file.items():
-                try:
-                    with safe_open(file, framework="pt", device="cpu") as fh:
-                        found.update({normalize_key(n, True): fh.get_tensor(n) for n in names})
-                except Exception as err:
-                    raise CheckpointError(f"{file}: cannot read ({err})") from None
-            return found
-        for shard in self.files.shards:  # .bin shards are memory-mapped: untouched tensors are not read
-            for raw, tensor in iter_shard_tensors(self.files, shard):
-                name = normalize_key(raw, True)
-                if select(name):
-                    found[name] = tensor
-        return found
+        def wanted(raw: str) -> bool:
+            return select(normalize_key(raw, True))
+
+        # safetensors headers say which shards hold them; .bin shards are memory-mapped and scanned
+        shards = self.files.shards if self.files.format == "bin" else \
+            sorted({info.file for raw, info in self.files.tensors.items() if wanted(raw)})
+        return {normalize_key(raw, True): tensor for shard in shards
+                for raw, tensor in iter_shard_tensors(self.files, shard, wanted)}
 
 
 def _materialize(model: nn.Module, tensors: dict[str, torch.Tensor], source: str,

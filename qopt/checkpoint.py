@@ -265,17 +265,22 @@ def _load_bin(shard: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def iter_shard_tensors(files: CheckpointFiles, shard: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield one shard's tensors; safetensors are memory-mapped and each tensor read only when yielded."""
+def iter_shard_tensors(files: CheckpointFiles, shard: Path, select: Callable[[str], bool] | None = None
+                       ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield one shard's tensors (those whose file names `select` accepts); safetensors are memory-mapped and
+    each tensor read only when yielded, so unselected ones are never read."""
     if files.format == "bin":
         state = _load_bin(shard)
         for name in list(state):
-            yield name, state.pop(name)
+            tensor = state.pop(name)
+            if select is None or select(name):
+                yield name, tensor
         return
     try:
         with safe_open(shard, framework="pt", device="cpu") as fh:
             for name in fh.keys():
-                yield name, fh.get_tensor(name)
+                if select is None or select(name):
+                    yield name, fh.get_tensor(name)
     except CheckpointError:
         raise
     except Exception as err:

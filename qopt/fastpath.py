@@ -152,17 +152,17 @@ def lean_int8_forward(module: bnb.nn.Linear8bitLt, quantizer: RowQuantizer | Non
         return None
     own = module.forward
     quantizer = quantizer or RowQuantizer()
-    views: list = [None, None]  # the weight codes they were made from, (codes.t(), scales as a row)
+    cached: list = [None, None, None]  # CB and SCB the views were made from, (CB.t(), SCB as a row)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         state, bias = module.state, module.bias
         if module.training or x.requires_grad or x.device.type != "cpu" or state.CB is None or x.numel() == 0 \
                 or (bias is not None and bias.dtype != x.dtype):
             return own(x)  # also the first call, which moves the weight into `state`
-        if views[0] is not state.CB or views[1][1].data_ptr() != state.SCB.data_ptr():
-            views[:] = [state.CB, (state.CB.t(), state.SCB.unsqueeze(0))]
+        if cached[0] is not state.CB or cached[1] is not state.SCB:
+            cached[:] = [state.CB, state.SCB, (state.CB.t(), state.SCB.unsqueeze(0))]
         out = int8_matmul(x.reshape(-1, x.shape[-1]), quantizer(x, state.threshold), state.CB, state.SCB, bias,
-                          views[1])
+                          cached[2])
         return out.view(*x.shape[:-1], state.CB.shape[0])
 
     return forward

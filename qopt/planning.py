@@ -52,11 +52,6 @@ def quantized_weight_bytes(out_features: int, in_features: int, bits: int, doubl
     return math.ceil(n / 2) + stats
 
 
-def cpu_repack_bytes(out_features: int, in_features: int) -> int:
-    """Extra bytes a 4-bit layer holds on CPU after its first eval forward: the kernel's bf16 absmax copy."""
-    return 2 * math.ceil(out_features * in_features / BLOCKSIZE)
-
-
 def _module_bytes(module: nn.Module, dtype: torch.dtype) -> int:
     """A quantized Linear's bytes: weight and statistics, plus its bias (4-bit biases live in the compute dtype)."""
     bits = bits_of(module)

@@ -395,9 +395,3 @@ def dequantize_weight(module: nn.Module, dtype: torch.dtype | None = None) -> to
     else:
         weight = module.weight.detach()
     return weight if dtype is None else weight.to(dtype)
-
-
-def model_quantization(model: nn.Module) -> QuantizationConfig | None:
-    """The quantization a model was loaded or converted with (from its config), or None."""
-    data = getattr(getattr(model, "config", None), "quantization_config", None)
-    return QuantizationConfig.from_dict(data) if data else None

@@ -172,13 +172,15 @@ class ComparisonReport:
         return next((r for r in self.rows if r.precision == precision), None)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "settings": self.settings, "data": {
+        data = {"model": self.model, "settings": self.settings, "data": {
             "text": "WikiText-2 raw test, rows joined with \\n\\n", "total_tokens": self.total_tokens,
             "windows": self.windows, "scored_tokens": self.tokens},
-            "rows": [asdict(r) for r in self.rows], "environment": self.environment,
-            **({"gap_ratios": {name: {"ratio": ratio, "gap": gap, "rtn_gap": rtn_gap}
-                               for name, (ratio, gap, rtn_gap) in self.gap_ratios().items()}}
-               if self.gap_ratios() else {})}
+            "rows": [asdict(r) for r in self.rows], "environment": self.environment}
+        ratios = self.gap_ratios()
+        if ratios:
+            data["gap_ratios"] = {name: {"ratio": ratio, "gap": gap, "rtn_gap": rtn_gap}
+                                  for name, (ratio, gap, rtn_gap) in ratios.items()}
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ComparisonReport":
@@ -411,6 +413,11 @@ class Tolerance:
         if self.max_gap_ratio is not None and not self.max_gap_ratio > 0:
             raise ValueError(f"max_gap_ratio {self.max_gap_ratio}: expected a positive ratio (e.g. 0.5)")
 
+    @classmethod
+    def coerce(cls, value: "Tolerance | float") -> "Tolerance":
+        """A Tolerance as given, or a bare relative tolerance wrapped in one."""
+        return value if isinstance(value, cls) else cls(value)
+
     def describe(self) -> str:
         ratio = "" if self.max_gap_ratio is None else f", calibrated gap <= {self.max_gap_ratio:g} x round-to-nearest"
         return f"±{self.relative:.2%}{ratio}"
@@ -419,7 +426,7 @@ class Tolerance:
 def write_baseline(report: ComparisonReport, path: str | os.PathLike, tolerance: Tolerance | float = Tolerance()
                    ) -> None:
     """A report plus what the gate allows; its settings are what `check_baseline` re-runs."""
-    tolerance = tolerance if isinstance(tolerance, Tolerance) else Tolerance(tolerance)
+    tolerance = Tolerance.coerce(tolerance)
     if tolerance.max_gap_ratio is not None and not report.gap_ratios():
         raise ValueError("max_gap_ratio needs a calibrated precision and its round-to-nearest preset in the run "
                          "(e.g. nf4 and nf4-calibrated)")
@@ -476,7 +483,7 @@ def check_baseline(measured: ComparisonReport, baseline: ComparisonReport, toler
                    ) -> list[str]:
     """One line per violation: a perplexity outside baseline * (1 ± relative), a changed token count, or a
     calibrated gap above max_gap_ratio x its round-to-nearest gap."""
-    tolerance = tolerance if isinstance(tolerance, Tolerance) else Tolerance(tolerance)
+    tolerance = Tolerance.coerce(tolerance)
     problems = []
     if (measured.windows, measured.tokens) != (baseline.windows, baseline.tokens):
         problems.append(f"data: {measured.windows} windows / {measured.tokens:,} scored tokens, baseline "

@@ -249,15 +249,20 @@ def test_mixed_precision_under_a_budget_keeps_the_most_sensitive(tiny_checkpoint
         choose_precision(model, _synthetic(model, scores), all4 - 1, base, high_bits)
 
 
+def calibrated_mixed(checkpoint, windows, base: str, module_bits: dict[str, int], out):
+    """Calibrate with some linears at other widths, save to `out`; (model, the saved quantization_config)."""
+    quant = mixed_precision(QuantizationConfig.from_name(base), module_bits)
+    model, _ = calibrate(checkpoint, windows, CalibrationConfig(quantization=quant), progress=False)
+    model.save_pretrained(out)
+    return model, json.loads((out / "config.json").read_text())["quantization_config"]
+
+
 def test_mixed_4_and_16_bit_checkpoint_loads_in_transformers_and_qopt(tiny_checkpoint, windows, tmp_path):
     import transformers
 
     keep = {"model.decoder.layers.0.fc2": 16, "model.decoder.layers.1.self_attn.v_proj": 16}
-    quant = mixed_precision(QuantizationConfig.from_name("nf4"), keep)
-    model, _ = calibrate(tiny_checkpoint, windows, CalibrationConfig(quantization=quant), progress=False)
+    model, saved = calibrated_mixed(tiny_checkpoint, windows, "nf4", keep, tmp_path / "mixed")
     assert type(model.get_submodule("model.decoder.layers.0.fc2")) is torch.nn.Linear
-    model.save_pretrained(tmp_path / "mixed")
-    saved = json.loads((tmp_path / "mixed" / "config.json").read_text())["quantization_config"]
     assert set(saved["llm_int8_skip_modules"]) == set(keep) | {"lm_head"}
     ids = torch.randint(3, 1000, (1, 10), generator=torch.Generator().manual_seed(2))
     peer = transformers.OPTForCausalLM.from_pretrained(tmp_path / "mixed")
@@ -271,11 +276,8 @@ def test_mixed_4_and_16_bit_checkpoint_loads_in_transformers_and_qopt(tiny_check
 
 def test_mixed_4_and_8_bit_checkpoint_round_trips_in_qopt(tiny_checkpoint, windows, tmp_path):
     promote = {"model.decoder.layers.0.fc1": 8, "model.decoder.layers.1.self_attn.q_proj": 8}
-    quant = mixed_precision(QuantizationConfig.from_name("nf4-dq"), promote)
-    model, _ = calibrate(tiny_checkpoint, windows, CalibrationConfig(quantization=quant), progress=False)
+    model, saved = calibrated_mixed(tiny_checkpoint, windows, "nf4-dq", promote, tmp_path / "mixed8")
     assert type(model.get_submodule("model.decoder.layers.0.fc1")) is bnb.nn.Linear8bitLt
-    model.save_pretrained(tmp_path / "mixed8")
-    saved = json.loads((tmp_path / "mixed8" / "config.json").read_text())["quantization_config"]
     assert saved["qopt_module_bits"] == promote
     loaded = qopt.load(tmp_path / "mixed8", torch_dtype="auto")
     assert type(loaded.get_submodule("model.decoder.layers.0.fc1")) is bnb.nn.Linear8bitLt

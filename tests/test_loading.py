@@ -233,7 +233,7 @@ def _full_after_first_file(folder: Path):
     opened = []
 
     def fake_open(path, mode="r", *args, **kwargs):
-        if Path(path).parent == folder or Path(path).parent.parent == folder:
+        if Path(path).parent.parent == folder:  # folder/qopt-offload-*/NAME.dat
             if opened:
                 raise OSError(errno.ENOSPC, "No space left on device", str(path))
             opened.append(path)
