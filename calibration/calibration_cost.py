@@ -8,7 +8,7 @@ Usage:
 opt-350m, opt-1.3b, ...) gets random weights written as a 16-bit checkpoint in a temporary folder (timing and
 memory do not depend on the values).
 The calibration runs in a fresh subprocess; peak RSS is its VmHWM minus its RSS right after the imports
-(DECISIONS 6), so the file-backed pages of the memory-mapped shards count while a layer is read.
+(docs/design.md, "Measuring memory"), so the file-backed pages of the memory-mapped shards count while a layer is read.
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from qopt.bundled import bundled_model_dir
-from qopt.model import OPTForCausalLM
-from qopt.planning import config_for
+from qopt.model.network import OPTForCausalLM
+from qopt.place.plan import config_for
 
 CHILD = r"""
 import json, resource, sys, time, torch

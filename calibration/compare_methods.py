@@ -4,7 +4,7 @@ Usage (bundled model, first 40 windows of 256 tokens; --windows 0 = the whole te
     python calibration/compare_methods.py --formats nf4 nf4-dq fp4 int8 --windows 40 \
         --report calibration/reports/bundled_gptq_vs_rtn.md
 
-Every model is evaluated in bf16 compute against the float model in bf16 (DECISIONS 8b); the gap is
+Every model is evaluated in bf16 compute against the float model in bf16, so the gap is quantization alone; the gap is
 ppl(quantized) - ppl(reference) and "gap ratio" is the calibrated gap over the round-to-nearest gap. The
 calibration windows come from the shipped sample (WikiText-2 *train* and public-domain prose), never from the
 test split.
@@ -20,9 +20,10 @@ import torch
 
 from qopt import load
 from qopt.bundled import bundled_model_dir
-from qopt.calibration import CalibrationConfig, calibrate, calibration_windows
-from qopt.evaluation import evaluate_ids, tokenize, wikitext2_text
-from qopt.quantization import QuantizationConfig, quantize_model
+from qopt.calibration.layerwise import CalibrationConfig, calibrate, calibration_windows
+from qopt.evaluation.perplexity import evaluate_ids, tokenize, wikitext2_text
+from qopt.quant.config import QuantizationConfig
+from qopt.quant.modules import quantize_model
 
 
 def main() -> None:

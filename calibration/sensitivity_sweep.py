@@ -19,11 +19,12 @@ import torch
 
 from qopt import load
 from qopt.bundled import bundled_model_dir
-from qopt.calibration import SEQUENTIAL_GROUPS, calibration_windows, mixed_precision
-from qopt.evaluation import evaluate_ids, tokenize, wikitext2_text
-from qopt.quantization import QuantizationConfig, quantize_model
-from qopt.sensitivity import (choose_precision, layer_sensitivity, load_sensitivities, model_bytes,
-                              save_sensitivities)
+from qopt.calibration.layerwise import SEQUENTIAL_GROUPS, calibration_windows, mixed_precision
+from qopt.evaluation.perplexity import evaluate_ids, tokenize, wikitext2_text
+from qopt.quant.config import QuantizationConfig
+from qopt.quant.modules import quantize_model
+from qopt.calibration.sensitivity import (choose_precision, layer_sensitivity, load_sensitivities, model_bytes,
+                                          save_sensitivities)
 
 
 def heatmap(ranking, layers: int, path: Path, metric: str) -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 import qopt
-from qopt.planning import config_for
+from qopt.place.plan import config_for
 
 MODES = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None), "int8": (torch.bfloat16, "int8"),
          "nf4": (torch.bfloat16, "nf4")}

@@ -5,7 +5,8 @@ Usage:  python evals/bench_finetune.py [--shape small|125m] [--steps 10] [--thre
 Each side runs in its own subprocess: load the checkpoint in NF4 (bf16 compute), prepare it for k-bit training
 (gradient checkpointing on), add LoRA r=8 on q_proj / v_proj, then time forward + backward + AdamW steps on
 batch x seq random tokens. Printed: median step time, tokens/s, trainable parameters and peak RSS above the
-RSS after imports (VmHWM, DECISIONS item 6), for both sides, and the ratios. Take timings on an idle machine.
+RSS after imports (VmHWM; docs/design.md, "Measuring memory"), for both sides, and the ratios. Take timings
+on an idle machine.
 """
 from __future__ import annotations
 
@@ -35,8 +36,8 @@ def run_side(side: str, folder: str, steps: int, batch: int, seq: int, threads: 
     torch.set_num_threads(threads)
     if side == "ours":
         import qopt
-        from qopt.lora import LoraConfig, add_lora, trainable_parameters
-        from qopt.training import prepare_for_kbit_training
+        from qopt.finetuning.lora import LoraConfig, add_lora, trainable_parameters
+        from qopt.finetuning.recipe import prepare_for_kbit_training
     else:
         import peft
         import transformers

@@ -5,8 +5,8 @@
 
 The checkpoint is written once (random float16 weights, shards of at most 500 MB, the real OPT config) and
 reused. Each load runs in a fresh subprocess; peak RSS is VmHWM minus the RSS right after the imports
-(DECISIONS item 6), load time is the wall time of the load call. Each figure is the median of --runs runs
-(default 3) with its spread (max - min); ratios are ours / transformers'. Targets (issue 3): peak RSS <= 1.1 x
+(docs/design.md, "Measuring memory"); load time is the wall time of the load call. Each figure is the median of
+--runs runs (default 3) with its spread (max - min); ratios are ours / transformers'. Targets (issue 3): peak RSS <= 1.1 x
 (quantized model + largest shard) and <= 0.5 x transformers'; load time <= 0.5 x transformers'.
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ print(json.dumps({"seconds": seconds, "peak": rss("VmHWM") - base, "model_bytes"
 
 def write_synthetic_checkpoint(folder: Path, size: str = "1.3b", seed: int = 0) -> Path:
     """An OPT-shaped checkpoint of random float16 weights in <= 500 MB shards, written shard by shard."""
-    from qopt.planning import config_for
+    from qopt.place.plan import config_for
 
     folder = Path(folder)
     if (folder / "model.safetensors.index.json").exists():

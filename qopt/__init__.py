@@ -1,51 +1,96 @@
-"""qopt: Meta's OPT language models in low-bit precision on small hardware."""
+"""qopt: Meta's OPT language models in low-bit precision on small hardware.
+
+The public API is re-exported here lazily (PEP 562): `import qopt` is cheap, and each name imports its stage of
+the pipeline on first use, so `import qopt.model` never loads bitsandbytes.
+"""
+from __future__ import annotations
+
+import importlib
 import logging as _logging
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# name -> module of the pipeline that defines it (bottom to top: model, quant, place, loading, generation,
+# finetuning, calibration, evaluation)
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(("AdapterError", "CheckpointError", "ConfigError", "GenerationError", "NumericsError",
+                     "PlanError", "QoptError", "TokenizerError"), "errors"),
+    "OPTConfig": "model.config", "KVCache": "model.cache", "OPTTokenizer": "model.tokenizer",
+    **dict.fromkeys(("OPTModel", "OPTForCausalLM", "OPTForSequenceClassification", "OPTForQuestionAnswering"),
+                    "model.network"),
+    **dict.fromkeys(("check_finite", "find_nonfinite"), "model.numerics"),
+    "QuantizationConfig": "quant.config",
+    **dict.fromkeys(("dequantize_weight", "quantize_model"), "quant.modules"),
+    **dict.fromkeys(("MemoryPlan", "plan"), "place.plan"),
+    **dict.fromkeys(("load", "quantize_checkpoint"), "loading.loader"),
+    **dict.fromkeys(("GenerationConfig", "generate", "generate_text"), "generation.decoding"),
+    **dict.fromkeys(("TextIteratorStreamer", "TextStreamer", "stream_generate"), "generation.streamers"),
+    **dict.fromkeys(("LoraConfig", "add_lora", "delete_adapter", "disable_adapters", "merge_and_unload",
+                     "set_adapter", "unload"), "finetuning.lora"),
+    **dict.fromkeys(("load_adapter", "save_adapter"), "finetuning.adapters"),
+    **dict.fromkeys(("TrainingArguments", "train"), "finetuning.trainer"),
+    **dict.fromkeys(("finetune", "prepare_for_kbit_training"), "finetuning.recipe"),
+    **dict.fromkeys(("CalibrationConfig", "CalibrationReport", "calibrate", "calibrate_checkpoint",
+                     "calibration_windows"), "calibration.layerwise"),
+    **dict.fromkeys(("choose_precision", "layer_sensitivity", "plan_for_checkpoint"), "calibration.sensitivity"),
+    **dict.fromkeys(("PerplexityResult", "evaluate_perplexity"), "evaluation.perplexity"),
+    "ComparisonReport": "evaluation.report", "weight_footprint": "evaluation.footprint",
+    "compare_precisions": "evaluation.compare",
+}
+__all__ = sorted(_EXPORTS)
 
 
 class _DropBitsandbytesNoise(_logging.Filter):
     """bitsandbytes logs a failed hub lookup at import (then uses its bundled kernel) and a dtype-cast notice on
-    every int8 matmul; neither is actionable for a user."""
+    every int8 matmul; neither is actionable for a user. Only bitsandbytes' own loggers are filtered: the
+    user's root logger is left alone."""
 
     def filter(self, record: _logging.LogRecord) -> bool:
         message = record.getMessage()
         return "kernels-community" not in message and not message.startswith("MatMul8bitLt: inputs will be cast")
 
 
-for _name in ("bitsandbytes", "bitsandbytes.backends.cpu.ops", "bitsandbytes.autograd._functions", ""):
+for _name in ("bitsandbytes.backends.cpu.ops", "bitsandbytes.autograd._functions"):
     _logging.getLogger(_name).addFilter(_DropBitsandbytesNoise())
 
-from .cache import KVCache  # noqa: E402
-from .config import OPTConfig  # noqa: E402
-from .errors import (AdapterError, CheckpointError, ConfigError, GenerationError, NumericsError,  # noqa: E402
-                     PlanError, QoptError, TokenizerError)
-from .loading import load, quantize_checkpoint  # noqa: E402
-from .model import (OPTForCausalLM, OPTForQuestionAnswering, OPTForSequenceClassification,  # noqa: E402
-                    OPTModel)
-from .tokenizer import OPTTokenizer  # noqa: E402
-from .numerics import check_finite, find_nonfinite  # noqa: E402
-from .planning import MemoryPlan, plan  # noqa: E402
-from .generation import GenerationConfig, generate, generate_text  # noqa: E402
-from .streaming import TextIteratorStreamer, TextStreamer, stream_generate  # noqa: E402
-from .quantization import QuantizationConfig, dequantize_weight, quantize_model  # noqa: E402
-from .evaluation import PerplexityResult, evaluate_perplexity  # noqa: E402
-from .report import ComparisonReport, compare_precisions, weight_footprint  # noqa: E402
-from .calibration import (CalibrationConfig, CalibrationReport, calibrate, calibrate_checkpoint,  # noqa: E402
-                          calibration_windows)
-from .sensitivity import choose_precision, layer_sensitivity, plan_for_checkpoint  # noqa: E402
-from .adapters import load_adapter, save_adapter  # noqa: E402
-from .lora import (LoraConfig, add_lora, delete_adapter, disable_adapters, merge_and_unload,  # noqa: E402
-                   set_adapter, unload)
-from .training import TrainingArguments, finetune, prepare_for_kbit_training, train  # noqa: E402
 
-__version__ = "0.1.0"
-__all__ = ["AdapterError", "CalibrationConfig", "CalibrationReport", "CheckpointError", "ComparisonReport",
-           "ConfigError", "GenerationConfig", "GenerationError", "KVCache", "LoraConfig", "MemoryPlan",
-           "NumericsError", "OPTConfig", "OPTForCausalLM", "OPTForQuestionAnswering",
-           "OPTForSequenceClassification", "OPTModel", "OPTTokenizer", "PerplexityResult", "PlanError",
-           "QoptError", "QuantizationConfig", "TextIteratorStreamer", "TextStreamer", "TokenizerError",
-           "TrainingArguments", "add_lora", "calibrate", "calibrate_checkpoint", "calibration_windows",
-           "check_finite", "choose_precision", "compare_precisions", "delete_adapter", "dequantize_weight",
-           "disable_adapters", "evaluate_perplexity", "find_nonfinite", "finetune", "generate", "generate_text",
-           "layer_sensitivity", "load", "load_adapter", "merge_and_unload", "plan", "plan_for_checkpoint",
-           "prepare_for_kbit_training", "quantize_checkpoint", "quantize_model", "save_adapter", "set_adapter",
-           "stream_generate", "train", "unload", "weight_footprint"]
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'qopt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # what static tools see; at run time the names arrive through __getattr__
+    from .calibration.layerwise import (CalibrationConfig, CalibrationReport, calibrate, calibrate_checkpoint,
+                                        calibration_windows)
+    from .calibration.sensitivity import choose_precision, layer_sensitivity, plan_for_checkpoint
+    from .errors import (AdapterError, CheckpointError, ConfigError, GenerationError, NumericsError, PlanError,
+                         QoptError, TokenizerError)
+    from .evaluation.compare import compare_precisions
+    from .evaluation.footprint import weight_footprint
+    from .evaluation.perplexity import PerplexityResult, evaluate_perplexity
+    from .evaluation.report import ComparisonReport
+    from .finetuning.adapters import load_adapter, save_adapter
+    from .finetuning.lora import (LoraConfig, add_lora, delete_adapter, disable_adapters, merge_and_unload, set_adapter,
+                                  unload)
+    from .finetuning.recipe import finetune, prepare_for_kbit_training
+    from .finetuning.trainer import TrainingArguments, train
+    from .generation.decoding import GenerationConfig, generate, generate_text
+    from .generation.streamers import TextIteratorStreamer, TextStreamer, stream_generate
+    from .loading.loader import load, quantize_checkpoint
+    from .model.cache import KVCache
+    from .model.config import OPTConfig
+    from .model.network import OPTForCausalLM, OPTForQuestionAnswering, OPTForSequenceClassification, OPTModel
+    from .model.numerics import check_finite, find_nonfinite
+    from .model.tokenizer import OPTTokenizer
+    from .place.plan import MemoryPlan, plan
+    from .quant.config import QuantizationConfig
+    from .quant.modules import dequantize_weight, quantize_model

@@ -1,7 +1,6 @@
 """Shared fixtures: tiny random OPT checkpoints written by transformers (the test-only peer) or by qopt."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import qopt
-from qopt.checkpoint import load_state_dict
+from qopt.io.checkpoint import load_state_dict
 from tests.conftest import TINY
 
 REPO = Path(__file__).resolve().parents[1]

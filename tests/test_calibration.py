@@ -7,12 +7,13 @@ import pytest
 import torch
 
 import qopt
-from qopt import calibration as cal
-from qopt.calibration import CalibrationConfig, calibrate, calibration_windows, mixed_precision
+from qopt.calibration import layerwise as cal
+from qopt.calibration.layerwise import CalibrationConfig, calibrate, calibration_windows, mixed_precision
+from qopt.calibration.sensitivity import (Sensitivity, choose_precision, decoder_linear_names, layer_sensitivity,
+                                          model_bytes)
 from qopt.errors import PlanError
-from qopt.gptq import Grid, HessianAccumulator, gptq_round, output_error
-from qopt.quantization import QuantizationConfig
-from qopt.sensitivity import Sensitivity, choose_precision, decoder_linear_names, layer_sensitivity, model_bytes
+from qopt.quant.config import QuantizationConfig
+from qopt.quant.gptq import Grid, HessianAccumulator, gptq_round, output_error
 from tests.conftest import VARIANTS
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import qopt
-from qopt.checkpoint import inspect_checkpoint, load_state_dict
+from qopt.io.checkpoint import inspect_checkpoint, load_state_dict
 from tests.conftest import VARIANTS, make_hf_model
 
 

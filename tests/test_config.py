@@ -6,7 +6,6 @@ import pytest
 from qopt import ConfigError, OPTConfig
 
 
-
 def test_defaults_match_hf_docs():
     c = OPTConfig()
     assert (c.vocab_size, c.hidden_size, c.num_hidden_layers, c.ffn_dim, c.max_position_embeddings) == \

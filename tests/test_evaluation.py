@@ -11,10 +11,12 @@ from torch import nn
 
 import qopt
 from qopt.cli import main as cli_main
-from qopt.evaluation import (describe_windows, evaluate_ids, evaluate_perplexity, plan_windows, text_ids,
-                             wikitext2_text)
-from qopt.report import (ComparisonReport, Tolerance, check_baseline, compare_precisions, read_baseline,
-                         weight_footprint, write_baseline)
+from qopt.evaluation.compare import compare_precisions
+from qopt.evaluation.footprint import weight_footprint
+from qopt.evaluation.gate import Tolerance, check_baseline, read_baseline, write_baseline
+from qopt.evaluation.perplexity import (describe_windows, evaluate_ids, evaluate_perplexity, cut_windows, text_ids,
+                                        wikitext2_text)
+from qopt.evaluation.report import ComparisonReport
 
 SEQ = 64  # TINY's max_position_embeddings
 PREFIX = 20_000  # characters of WikiText-2 used where the full text is not the point
@@ -65,8 +67,8 @@ def checkpoint(tmp_path_factory):
 
 def test_wikitext2_token_and_window_counts():
     ids = text_ids()
-    assert ids.numel() == 287_645 and ids[0].item() == 2  # DECISIONS 8: rows joined with "\n\n", leading </s>
-    windows = plan_windows(ids.numel(), 2048)
+    assert ids.numel() == 287_645 and ids[0].item() == 2  # rows joined with "\n\n", leading </s>
+    windows = cut_windows(ids.numel(), 2048)
     assert len(windows) == 140 and windows[-1].end == 140 * 2048  # the trailing 1,925 tokens are dropped
     assert sum(w.scored for w in windows) == 140 * 2047
     line = describe_windows(ids.numel(), 2048)
@@ -78,23 +80,23 @@ def test_wikitext2_token_and_window_counts():
 def test_windows_score_each_token_at_most_once(stride):
     n = 64 * 5 + 11
     scored = []
-    for w in plan_windows(n, 64, stride):
+    for w in cut_windows(n, 64, stride):
         assert w.end - w.begin == 64  # full windows only
         scored += range(w.begin + w.score_from, w.end)
     if stride == 64:  # GPTQ: 5 windows, the first token of each has no context and is not scored
         assert scored == [t for t in range(5 * 64) if t % 64]
     else:  # sliding: contiguous from token 1, none twice
         assert scored == list(range(1, scored[-1] + 1)) and scored[-1] > n - 1 - stride
-    first, later = plan_windows(n, 64, stride)[:2]
+    first, later = cut_windows(n, 64, stride)[:2]
     assert first.score_from == 1 and later.score_from == max(1, 64 - stride)
 
 
 def test_bad_window_settings_are_refused(tiny):
     _, model, _ = tiny
     with pytest.raises(ValueError, match="stride 65"):
-        plan_windows(1000, 64, 65)
+        cut_windows(1000, 64, 65)
     with pytest.raises(ValueError, match="fewer than one window"):
-        plan_windows(10, 64)
+        cut_windows(10, 64)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         evaluate_perplexity(model, text="hello", seqlen=128, progress=False)
 
@@ -230,7 +232,7 @@ def test_compare_precisions_report_json_and_plot(checkpoint, tmp_path):
 
 
 def test_a_pre_quantized_checkpoint_is_measured_as_saved(checkpoint, tmp_path, capsys):
-    from qopt.loading import quantize_checkpoint
+    from qopt.loading.loader import quantize_checkpoint
 
     quantize_checkpoint(checkpoint, tmp_path / "nf4", "nf4")
     with pytest.raises(ValueError, match="already quantized"):
@@ -312,7 +314,8 @@ def _model_with_outlier_features(seed: int = 0) -> tuple[nn.Module, torch.Tensor
 
 
 def test_llm_int8_threshold_keeps_outlier_features_in_higher_precision():
-    from qopt.quantization import QuantizationConfig, quantize_model
+    from qopt.quant.config import QuantizationConfig
+    from qopt.quant.modules import quantize_model
 
     reference, ids = _model_with_outlier_features()
     full = evaluate_ids(reference, ids, progress=False)

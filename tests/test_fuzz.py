@@ -23,8 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from qopt import CheckpointError, ConfigError, OPTConfig, OPTForCausalLM, OPTTokenizer
-from qopt.checkpoint import _ST_DTYPES, SAFE_INDEX, inspect_checkpoint, read_safetensors_header
-
+from qopt.io.checkpoint import _ST_DTYPES, SAFE_INDEX, inspect_checkpoint, read_safetensors_header
 
 
 def fuzz(examples: int) -> settings:

@@ -1,6 +1,7 @@
 """generate() against transformers' on the same random checkpoints, and by definition where there is no peer.
 
-Test models have a peaky head (DECISIONS item 19) so greedy and beam choices never hinge on near-ties. End tokens
+Test models have a peaky head (the output embedding scaled up) so greedy and beam choices never hinge on
+near-ties. End tokens
 are picked from the model's own greedy output, so beams and rows really do finish early.
 """
 import threading
@@ -11,10 +12,11 @@ import torch.nn.functional as F
 
 import qopt
 from qopt.errors import GenerationError
-from qopt.fastpath import decode_fast_paths, lean_4bit_forward, lean_int8_forward
-from qopt.generation import generate_text
-from qopt.quantization import QuantizationConfig, quantize_linear, quantize_model
-from qopt.streaming import TextIteratorStreamer, TextStreamer, stream_generate
+from qopt.generation.decoding import generate_text
+from qopt.generation.fastpath import decode_fast_paths, lean_4bit_forward, lean_int8_forward
+from qopt.generation.streamers import TextIteratorStreamer, TextStreamer, stream_generate
+from qopt.quant.config import QuantizationConfig
+from qopt.quant.modules import quantize_linear, quantize_model
 
 PEAKY = 8.0
 

@@ -11,9 +11,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import qopt
-from qopt import cli, quantization
+from qopt import cli
 from qopt.errors import CheckpointError, ConfigError, PlanError
-from qopt.quantization import QuantizationConfig, is_quantized, quantize_model
+from qopt.quant import quantizers
+from qopt.quant.config import QuantizationConfig
+from qopt.quant.modules import is_quantized, quantize_model
 from tests.test_quantization import PRESETS, same_state
 
 BF16 = torch.bfloat16
@@ -122,7 +124,8 @@ def test_prequantized_round_trip_is_exact_and_never_requantizes(fp16_checkpoint,
     ours.save_pretrained(tmp_path / "after")
     for file in ("model.safetensors", "config.json"):
         assert (tmp_path / "before" / file).read_bytes() == (tmp_path / "after" / file).read_bytes()
-    monkeypatch.setattr(quantization, "quantize_weight", lambda *a, **k: pytest.fail("re-quantized"))
+    for quantizer in ("quantize_4bit", "quantize_int8_rows"):  # every quantizing path goes through these
+        monkeypatch.setattr(quantizers, quantizer, lambda *a, **k: pytest.fail("re-quantized"))
     again = load(tmp_path / "before", torch_dtype=BF16)
     assert same_state(again.state_dict(), load_file(tmp_path / "before" / "model.safetensors")
                       | {"lm_head.weight": again.lm_head.weight})
@@ -215,12 +218,13 @@ def test_offload_folder_without_space_is_refused_before_any_tensor_is_read(four_
                                                                           monkeypatch):
     from collections import namedtuple
 
-    import qopt.loading
+    import qopt.loading.loader
 
     budget, layer = two_layer_budget(load(four_layer_checkpoint, quantization="nf4", torch_dtype=BF16))
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(qopt.loading.shutil, "disk_usage", lambda path: usage(10 * layer, 9 * layer, layer))
-    monkeypatch.setattr(qopt.loading, "iter_shard_tensors", lambda *a: pytest.fail("read before the space check"))
+    monkeypatch.setattr(qopt.loading.loader.shutil, "disk_usage", lambda path: usage(10 * layer, 9 * layer, layer))
+    monkeypatch.setattr(qopt.loading.loader, "iter_shard_tensors",
+                        lambda *a: pytest.fail("read before the space check"))
     with pytest.raises(PlanError, match=r"offload folder .*: [\d.]+ KiB free, but the layers placed on disk "
                                         r"\(disk: layers [\d-]+\) need [\d.]+ KiB"):
         load(four_layer_checkpoint, quantization="nf4", torch_dtype=BF16, device_map="auto",
@@ -244,7 +248,7 @@ def _full_after_first_file(folder: Path):
 def test_offload_files_are_what_accelerate_writes_and_reads(tmp_path):
     from accelerate.utils import load_offloaded_weight, offload_weight
 
-    from qopt.offload import OffloadFolder
+    from qopt.place.offload import OffloadFolder
 
     ours, index = OffloadFolder(tmp_path / "ours"), {}
     (tmp_path / "theirs").mkdir()
@@ -264,8 +268,8 @@ def test_offload_files_are_what_accelerate_writes_and_reads(tmp_path):
 def test_offload_folder_filling_up_mid_load_names_the_tensor_and_leaves_nothing(four_layer_checkpoint, tmp_path,
                                                                               monkeypatch, filesystem):
     """The space check passed, then the disk filled (another writer): one error naming the tensor, no debris."""
-    import qopt.loading
-    import qopt.offload
+    import qopt.loading.loader
+    import qopt.place.offload
 
     budget, layer = two_layer_budget(load(four_layer_checkpoint, quantization="nf4", torch_dtype=BF16))
     folder = tmp_path / "offload"
@@ -276,9 +280,9 @@ def test_offload_folder_filling_up_mid_load_names_the_tensor_and_leaves_nothing(
         if mounted.returncode:
             pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.decode().strip()}")
         plenty = shutil.disk_usage(tmp_path)
-        monkeypatch.setattr(qopt.loading.shutil, "disk_usage", lambda path: plenty)
+        monkeypatch.setattr(qopt.loading.loader.shutil, "disk_usage", lambda path: plenty)
     else:
-        monkeypatch.setattr(qopt.offload, "open", _full_after_first_file(folder), raising=False)
+        monkeypatch.setattr(qopt.place.offload, "open", _full_after_first_file(folder), raising=False)
     try:
         with pytest.raises(PlanError, match=r"offload folder .*: no space left writing "
                                             r"'model\.decoder\.layers\.\d\.[\w.]+' \([\d.]+ (B|KiB);"):

@@ -7,11 +7,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import qopt
-from qopt.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, save_adapter
 from qopt.errors import AdapterError
-from qopt.lora import (LoraConfig, LoraLinear, ModulesToSave, add_lora, delete_adapter, disable_adapters,
-                       merge_and_unload, set_adapter, unload)
-from qopt.quantization import QuantizationConfig, quantize_model
+from qopt.finetuning.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, save_adapter
+from qopt.finetuning.lora import (LoraConfig, LoraLinear, ModulesToSave, add_lora, delete_adapter, disable_adapters,
+                                  merge_and_unload, set_adapter, unload)
+from qopt.quant.config import QuantizationConfig
+from qopt.quant.modules import quantize_model
 
 ATOL = 1e-5
 CONFIGS = {  # qopt LoraConfig kwargs; the PEFT config of a case uses the same fields

@@ -8,7 +8,7 @@ from torch import nn
 
 import qopt
 from qopt import NumericsError, OPTConfig, OPTForCausalLM
-from qopt.numerics import check_finite, find_nonfinite
+from qopt.model.numerics import check_finite, find_nonfinite
 from tests.conftest import TINY
 
 

@@ -5,9 +5,12 @@ import torch
 import qopt
 from qopt import cli
 from qopt.errors import ConfigError, PlanError
-from qopt.planning import (config_for, infer_device_map, meta_model, normalize_max_memory, plan,
-                           quantized_weight_bytes, summarize)
-from qopt.quantization import QuantizationConfig, is_quantized, quantize_linear
+from qopt.place.device_map import infer_device_map, normalize_max_memory, summarize
+from qopt.place.plan import config_for, plan
+from qopt.place.sizes import meta_model
+from qopt.quant.config import QuantizationConfig
+from qopt.quant.formats import quantized_weight_bytes
+from qopt.quant.modules import is_quantized, quantize_linear
 
 GIB = 2**30
 
@@ -97,7 +100,8 @@ def test_device_map_fills_devices_in_order_and_summarizes_ranges():
     assert [order[layers[i]] for i in sorted(layers)] == sorted(order[layers[i]] for i in layers)
     lines = summarize(device_map)
     assert any(line.startswith("disk: layers ") and line.endswith("-23") for line in lines)
-    assert summarize({"a.layers.0": "cpu", "a.layers.1": "cpu", "a.layers.3": "cpu", "b": "cpu"}) == \
+    assert summarize({"model.decoder.layers.0": "cpu", "model.decoder.layers.1": "cpu",
+                      "model.decoder.layers.3": "cpu", "b": "cpu"}) == \
         ["cpu: b, layers 0-1, 3"]
 
 

@@ -16,9 +16,10 @@ import pytest
 import torch
 
 import qopt
-import qopt.checkpoint as ckpt
+import qopt.io.checkpoint as ckpt
 from qopt import CheckpointError, ConfigError, OPTConfig, OPTForCausalLM
-from qopt.config import REQUIRED_FIELDS
+from qopt.loading.saving import model_state_for_saving
+from qopt.model.config import REQUIRED_FIELDS
 from tests.conftest import TINY, hf_config
 
 SHARD = "60KB"  # the tiny model (~0.6 MB in fp32) becomes about ten shards
@@ -252,7 +253,7 @@ def write_state(folder: Path, state: dict[str, torch.Tensor], config: OPTConfig)
 
 
 def test_tensor_of_the_wrong_shape(tmp_path, tiny_model):
-    state = ckpt.model_state_for_saving(tiny_model)
+    state = model_state_for_saving(tiny_model)
     state["model.decoder.layers.1.fc1.weight"] = torch.zeros(127, 64)
     write_state(tmp_path / "bad", state, tiny_model.config)
     message = load_error(tmp_path / "bad")
@@ -261,7 +262,7 @@ def test_tensor_of_the_wrong_shape(tmp_path, tiny_model):
 
 
 def test_tensor_of_the_wrong_dtype(tmp_path, tiny_model):
-    state = ckpt.model_state_for_saving(tiny_model)
+    state = model_state_for_saving(tiny_model)
     state["model.decoder.layers.0.fc2.weight"] = torch.zeros(64, 128, dtype=torch.int32)
     write_state(tmp_path / "bad", state, tiny_model.config)
     message = load_error(tmp_path / "bad")
@@ -269,7 +270,7 @@ def test_tensor_of_the_wrong_dtype(tmp_path, tiny_model):
 
 
 def test_missing_tensor(tmp_path, tiny_model):
-    state = ckpt.model_state_for_saving(tiny_model)
+    state = model_state_for_saving(tiny_model)
     del state["model.decoder.layers.1.final_layer_norm.bias"]
     write_state(tmp_path / "bad", state, tiny_model.config)
     assert "model.decoder.layers.1.final_layer_norm.bias" in load_error(tmp_path / "bad")
@@ -277,7 +278,7 @@ def test_missing_tensor(tmp_path, tiny_model):
 
 def test_header_shapes_are_checked_against_the_model_before_reading(tmp_path, tiny_model):
     """check_tensor_shapes needs only headers: it names the shard and tensor without reading any data."""
-    state = ckpt.model_state_for_saving(tiny_model)
+    state = model_state_for_saving(tiny_model)
     state["model.decoder.layers.1.fc1.weight"] = torch.zeros(127, 64)
     write_state(tmp_path / "bad", state, tiny_model.config)
     files = ckpt.inspect_checkpoint(tmp_path / "bad")
@@ -363,7 +364,7 @@ def write_bin(folder: Path, state: dict, config: OPTConfig) -> None:
 
 
 def test_plain_bin_checkpoint_loads(tmp_path, tiny_model):
-    write_bin(tmp_path / "bin", ckpt.model_state_for_saving(tiny_model), tiny_model.config)
+    write_bin(tmp_path / "bin", model_state_for_saving(tiny_model), tiny_model.config)
     ids = torch.randint(3, 1000, (1, 5))
     with torch.no_grad():
         assert torch.equal(qopt.load(tmp_path / "bin")(ids).logits, tiny_model(ids).logits)
@@ -376,7 +377,7 @@ def write_bin_with_code(folder: Path, model: OPTForCausalLM, marker: Path) -> No
         def __reduce__(self):
             return (open, (str(marker), "w"))
 
-    write_bin(folder, dict(ckpt.model_state_for_saving(model), payload=Payload()), model.config)
+    write_bin(folder, dict(model_state_for_saving(model), payload=Payload()), model.config)
 
 
 def test_bin_with_pickled_code_is_refused_and_the_code_never_runs(tmp_path, tiny_model):

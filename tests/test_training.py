@@ -13,12 +13,13 @@ import torch
 from safetensors.torch import load_file
 
 import qopt
-from qopt.adapters import ADAPTER_WEIGHTS, load_adapter
 from qopt.bundled import bundled_model_dir
-from qopt.data_files import classification_dataset, lm_dataset, read_records
-from qopt.lora import LoraConfig, add_lora
-from qopt.training import (TRAINING_LOG, TrainingArguments, finetune, lr_factor, make_optimizer,
-                           prepare_for_kbit_training, tokenizer_for)
+from qopt.finetuning.adapters import ADAPTER_WEIGHTS, load_adapter
+from qopt.finetuning.data import classification_dataset, lm_dataset, read_records
+from qopt.finetuning.lora import LoraConfig, add_lora
+from qopt.finetuning.recipe import finetune, prepare_for_kbit_training
+from qopt.finetuning.trainer import TRAINING_LOG, TrainingArguments, lr_factor, make_optimizer
+from qopt.model.tokenizer import tokenizer_for
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = (bundled_model_dir() / "config.json").exists()

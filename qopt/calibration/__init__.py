@@ -1,0 +1,1 @@
+"""Calibrated quantization: GPTQ rounding decoder layer by decoder layer, sensitivity and mixed precision."""

@@ -1,0 +1,224 @@
+"""Per-layer sensitivity to 4-bit rounding, and the mixed-precision choice it drives under a memory budget.
+
+Layers do not suffer equally from 4-bit weights: some barely move the model's output, a few dominate the
+perplexity loss. Quantizing each linear alone (round-to-nearest, the others in float) and measuring how far
+the model's output moves ranks them; given a memory budget the most sensitive are kept in 8 or 16 bits and
+the rest go to 4 bits. The sizes are those of the stored bitsandbytes tensors, so the budget holds on disk
+and in memory alike.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import compute_module_sizes
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import PlanError
+from ..io.atomic import atomic_write_text
+from ..loading.loader import load
+from ..model.config import OPTConfig
+from ..model.network import LAYER_PREFIX, OPTForCausalLM, build_attention_mask
+from ..place.sizes import meta_model, quantized_weight_bytes, sizing_view
+from ..quant.config import QuantizationConfig
+from ..utils import parse_size
+from .layerwise import SEQUENTIAL_GROUPS, calibration_windows, grid_for_bits, mixed_precision, rtn_dequantized
+
+METRICS = ("kl", "output")
+
+
+@dataclass
+class Sensitivity:
+    """How much the model moves when only `name` is rounded to the 4-bit grid."""
+
+    name: str
+    parameters: int
+    output_error: float  # mean squared change of the final hidden states / their mean square
+    kl: float | None = None  # mean KL(float model || this one) per token, nats (metric "kl")
+    nll_increase: float | None = None  # mean NLL on the windows minus the float model's (metric "kl")
+
+    def score(self, metric: str) -> float:
+        value = self.output_error if metric == "output" else self.kl
+        if value is None:
+            raise ValueError(f"sensitivity of {self.name} has no {metric!r} measurement")
+        return value
+
+
+def decoder_linear_names(model: OPTForCausalLM) -> list[str]:
+    """Full names of the decoder layers' linears, in data order (the ones calibration quantizes)."""
+    return [f"{LAYER_PREFIX}{i}.{name}" for i in range(len(model.model.decoder.layers))
+            for name in sum(SEQUENTIAL_GROUPS, ())]
+
+
+@torch.no_grad()
+def layer_sensitivity(model: OPTForCausalLM, windows: torch.Tensor, quantization: QuantizationConfig | str = "nf4",
+                      *, metric: str = "kl", batch_size: int = 4, progress: bool = True) -> list[Sensitivity]:
+    """Quantize each decoder linear alone (round-to-nearest, 4-bit) and measure how far the model moves.
+
+    Only the layers from the quantized one on are rerun, from cached float inputs. "kl": the KL divergence
+    of the next-token distributions from the float model's, and the NLL increase, on `windows` (what
+    perplexity feels). "output": only the relative squared error of the decoder's final hidden states
+    (cheaper: no vocabulary projection, but blind to which directions the head reads). The model must be in
+    float; it is restored exactly afterwards.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric {metric!r}: expected one of {METRICS}")
+    grid = grid_for_bits(4, QuantizationConfig.coerce(quantization))
+    decoder = model.model.decoder
+    was_training = model.training
+    model.eval()
+    states = _float_states(model, windows, batch_size)  # input of each layer, then the final output
+    reference = states[-1]
+    results = []
+    try:
+        for full in tqdm(decoder_linear_names(model), desc="Sensitivity", unit="linear", disable=not progress):
+            index = int(full[len(LAYER_PREFIX):].split(".", 1)[0])
+            linear = model.get_submodule(full)
+            original = linear.weight.data
+            linear.weight.data = rtn_dequantized(original, grid).to(original.dtype)
+            try:
+                output = _run_from(decoder, states[index], index, batch_size)
+            finally:
+                linear.weight.data = original
+            item = Sensitivity(full, original.numel(), float(((output - reference) ** 2).mean() /
+                                                             (reference ** 2).mean()))
+            if metric == "kl":
+                item.kl, item.nll_increase = _divergence(model, reference, output, windows)
+            results.append(item)
+    finally:
+        model.train(was_training)
+    return results
+
+
+def _float_states(model: OPTForCausalLM, windows: torch.Tensor, batch: int) -> list[torch.Tensor]:
+    """Each decoder layer's input on the windows, then the decoder's output (fp32)."""
+    decoder = model.model.decoder
+    batches = [decoder(input_ids=chunk, use_cache=False, output_hidden_states=True).hidden_states
+               for chunk in windows.split(batch)]
+    return [torch.cat([h.float() for h in parts]) for parts in zip(*batches)]
+
+
+def _run_from(decoder: nn.Module, hidden: torch.Tensor, index: int, batch: int) -> torch.Tensor:
+    """Decoder layers index.. on cached inputs, then the final norm and projection: the decoder's output."""
+    seq = hidden.shape[1]
+    mask = build_attention_mask(torch.ones(1, seq, dtype=torch.long), seq, 0)
+    outputs = []
+    for start in range(0, hidden.shape[0], batch):
+        h = hidden[start:start + batch].to(decoder.embed_tokens.weight.dtype)
+        for layer in decoder.layers[index:]:
+            h = layer(h, mask)[0]
+        if decoder.final_layer_norm is not None:
+            h = decoder.final_layer_norm(h)
+        if decoder.project_out is not None:
+            h = decoder.project_out(h)
+        outputs.append(h.float())
+    return torch.cat(outputs)
+
+
+def _divergence(model: OPTForCausalLM, reference: torch.Tensor, output: torch.Tensor, windows: torch.Tensor
+                ) -> tuple[float, float]:
+    """(mean KL(reference || output), mean NLL(output) - NLL(reference)) per predicted token, two windows at
+    a time so the fp32 vocabulary logits stay small."""
+    kl = nll = 0.0
+    count = 0
+    head = model.lm_head
+    for start in range(0, windows.shape[0], 2):
+        labels = windows[start:start + 2, 1:].reshape(-1)
+        ref = F.log_softmax(head(reference[start:start + 2, :-1].to(head.weight.dtype)).float(), -1)
+        ref = ref.reshape(-1, ref.shape[-1])
+        new = F.log_softmax(head(output[start:start + 2, :-1].to(head.weight.dtype)).float(), -1)
+        new = new.reshape(-1, new.shape[-1])
+        kl += float((ref.exp() * (ref - new)).sum())
+        nll += float((ref - new).gather(1, labels[:, None]).sum())
+        count += labels.numel()
+    return kl / count, nll / count
+
+
+# -- sizes and the budgeted choice ---------------------------------------------------------------------------
+def model_bytes(config: OPTConfig, quantization: QuantizationConfig, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes of the quantized model (per-module widths included), sized as `qopt plan` sizes it."""
+    return compute_module_sizes(sizing_view(meta_model(config, quantization), dtype), dtype=dtype)[""]
+
+
+def _weight_bytes(linear: nn.Module, bits: int, double_quant: bool) -> int:
+    if bits == 16:
+        return linear.in_features * linear.out_features * 2
+    return quantized_weight_bytes(linear.out_features, linear.in_features, bits, double_quant and bits == 4)
+
+
+@dataclass
+class PrecisionPlan:
+    """Which width each decoder linear gets, and what the model then weighs."""
+
+    quantization: QuantizationConfig  # the 4-bit base with the promoted linears in `module_bits`
+    total_bytes: int
+    budget_bytes: int
+    all_4bit_bytes: int
+
+    def promoted(self) -> list[str]:
+        return sorted(self.quantization.module_bits)
+
+
+def choose_precision(model: OPTForCausalLM, sensitivities: list[Sensitivity], budget_bytes: int,
+                     base: QuantizationConfig | str = "nf4", high_bits: int = 8, metric: str = "kl",
+                     dtype: torch.dtype = torch.bfloat16) -> PrecisionPlan:
+    """Keep the most sensitive linears in `high_bits` (8 or 16) while the model fits `budget_bytes`.
+
+    Linears are visited from the most to the least sensitive; each is promoted if its extra bytes still fit
+    (a big one that does not fit is passed over for smaller, less sensitive ones). Raises PlanError when even
+    the all-4-bit model exceeds the budget.
+    """
+    base = QuantizationConfig.coerce(base)
+    if base.bits != 4:
+        raise ValueError(f"the base format must be 4-bit, got {base.name}")
+    if high_bits not in (8, 16):
+        raise ValueError(f"high_bits must be 8 or 16, got {high_bits}")
+    linears = set(decoder_linear_names(model))
+    total = all_4bit = model_bytes(model.config, base, dtype)
+    if all_4bit > budget_bytes:
+        raise PlanError(f"budget {budget_bytes:,} bytes is below the all-4-bit ({base.name}) model's "
+                        f"{all_4bit:,} bytes")
+    promoted: dict[str, int] = {}
+    for item in sorted(sensitivities, key=lambda s: s.score(metric), reverse=True):
+        if item.name not in linears:
+            raise ValueError(f"sensitivity names {item.name!r}, which is not a decoder linear of this model")
+        linear = model.get_submodule(item.name)
+        double = base.bnb_4bit_use_double_quant
+        extra = _weight_bytes(linear, high_bits, double) - _weight_bytes(linear, 4, double)
+        if total + extra <= budget_bytes:
+            promoted[item.name] = high_bits
+            total += extra
+    quantization = mixed_precision(base, promoted)
+    return PrecisionPlan(quantization, model_bytes(model.config, quantization, dtype), budget_bytes, all_4bit)
+
+
+def plan_for_checkpoint(path: str | Path, budget: int | str, base: QuantizationConfig | str = "nf4",
+                        high_bits: int = 8, *, text: str | None = None, sample: int = 16, seqlen: int | None = None,
+                        seed: int = 0, progress: bool = True) -> PrecisionPlan:
+    """Load a checkpoint in float, rank its linears on `sample` calibration windows and fit them to `budget`.
+
+    The ranking needs the whole float model in memory (it reruns the layers after each quantized one); the
+    quantization that follows (`qopt.load` or `qopt.calibration`) streams again.
+    """
+    model = load(path, torch_dtype=torch.float32, progress=progress)
+    seqlen = seqlen or min(model.config.max_position_embeddings, 2048)
+    windows = calibration_windows(text, count=sample, seqlen=seqlen, seed=seed)
+    ranking = layer_sensitivity(model, windows, base, progress=progress)
+    return choose_precision(model, ranking, parse_size(budget), base, high_bits)
+
+
+def save_sensitivities(path: str | Path, sensitivities: list[Sensitivity], meta: dict | None = None) -> None:
+    data = {"meta": meta or {}, "layers": [asdict(s) for s in sensitivities]}
+    atomic_write_text(Path(path), json.dumps(data, indent=2) + "\n")
+
+
+def load_sensitivities(path: str | Path) -> list[Sensitivity]:
+    try:
+        data = json.loads(Path(path).read_text())
+        return [Sensitivity(**entry) for entry in data["layers"]]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: not a sensitivity report written by qopt ({err})") from None

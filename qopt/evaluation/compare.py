@@ -1,0 +1,124 @@
+"""`compare_precisions`: one checkpoint loaded at each precision and measured on WikiText-2 (perplexity, KL and
+top-1 agreement against a reference in the same compute dtype, weight memory). A "-calibrated" precision is
+calibrated here with the shipped sample and a fixed seed, so round-to-nearest and calibrated weights are
+judged in one run against the same reference.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import bitsandbytes
+import torch
+from torch import nn
+
+from .. import __version__
+from ..calibration.layerwise import CalibrationConfig, calibrate
+from ..loading.loader import load
+from ..model.config import OPTConfig
+from ..model.tokenizer import own_tokenizer
+from ..quant.config import QuantizationConfig
+from .footprint import weight_footprint
+from .perplexity import describe_windows, evaluate_ids, cut_windows, text_ids
+from .report import (DEFAULT_PRECISIONS, QUANTIZED_COMPUTE, UNQUANTIZED, ComparisonReport, PrecisionRow, reference_for,
+                     split_calibrated)
+
+
+def load_precision(path: str | os.PathLike, precision: str) -> nn.Module:
+    """The model at `precision`; a calibrated one is calibrated here (its time counts as load time)."""
+    if precision in UNQUANTIZED:
+        return load(path, torch_dtype=UNQUANTIZED[precision], progress=False)
+    preset, calibrated = split_calibrated(precision)
+    compute = UNQUANTIZED[QUANTIZED_COMPUTE]
+    if not calibrated:
+        return load(path, quantization=preset, torch_dtype=compute, progress=False)
+
+    model, _ = calibrate(path, None, CalibrationConfig(quantization=preset, dtype=compute), progress=False)
+    return model
+
+
+def stored_precision(path: str | os.PathLike) -> str | None:
+    """The preset name of a pre-quantized checkpoint ("nf4", ...); None for a float one."""
+    data = OPTConfig.from_pretrained(path).quantization_config
+    return QuantizationConfig.from_dict(data, f"{path}: quantization_config").name if data else None
+
+
+def _environment() -> dict[str, Any]:
+
+    return {"qopt": __version__, "torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__,
+            "python": platform.python_version(), "machine": platform.machine(), "threads": torch.get_num_threads()}
+
+
+def _run_order(precisions: Sequence[str], reference: bool) -> list[str]:
+    """Unquantized first so references exist before what they judge; bf16 is added if a quantized one needs it."""
+    names = list(dict.fromkeys(precisions))
+    if not names:
+        raise ValueError("precisions: expected at least one precision")
+    for name in names:
+        if name not in UNQUANTIZED:  # an unknown name fails here, before any model is loaded
+            QuantizationConfig.from_name(split_calibrated(name)[0])
+    if reference and any(p not in UNQUANTIZED for p in names) and QUANTIZED_COMPUTE not in names:
+        names.append(QUANTIZED_COMPUTE)
+    return sorted(names, key=lambda p: (p not in UNQUANTIZED, p != "fp32"))
+
+
+def compare_precisions(model_path: str | os.PathLike, precisions: Sequence[str] = DEFAULT_PRECISIONS,
+                       seqlen: int | None = None, max_windows: int | None = None, stride: int | None = None,
+                       tokenizer: Any = None, reference: bool = True, text: str | None = None,
+                       progress: bool = True) -> ComparisonReport:
+    """Load `model_path` at each precision and measure it; see the module docstring for what a row holds.
+
+    With `reference`, every quantized precision is judged against bf16 (added if missing) and bf16 / fp16
+    against fp32 when fp32 is in the list; a reference model stays loaded only while something still needs it.
+    """
+    order = _run_order(precisions, reference)
+    stored = stored_precision(model_path)
+    if stored is not None and order != [stored]:
+        raise ValueError(f"{model_path} is already quantized ({stored}): it can be measured only as {stored}, "
+                         f"without references (compare precisions on its float checkpoint)")
+    limit = OPTConfig.from_pretrained(model_path).max_position_embeddings
+    if seqlen is not None and seqlen > limit:
+        raise ValueError(f"seqlen {seqlen} exceeds {model_path}'s max_position_embeddings ({limit})")
+    seqlen = seqlen or limit
+    ids = text_ids(text, tokenizer or own_tokenizer(model_path))
+    windows = cut_windows(int(ids.numel()), seqlen, stride, max_windows)
+    if progress:
+        print(describe_windows(int(ids.numel()), seqlen, stride, max_windows), flush=True)
+    refs_needed = {p: reference_for(p, order) if reference else None for p in order}
+    loaded: dict[str, nn.Module] = {}
+    report = ComparisonReport(str(model_path), {"precisions": list(order), "seqlen": seqlen, "stride": stride,
+                                                "windows": max_windows, "reference": reference},
+                              int(ids.numel()), len(windows), sum(w.scored for w in windows),
+                              environment=_environment())
+    for i, precision in enumerate(order):
+        began = time.perf_counter()
+        model = load_precision(model_path, precision)
+        load_seconds = time.perf_counter() - began
+        ref_name = refs_needed[precision]
+        result = evaluate_ids(model, ids, seqlen, stride, max_windows, progress,
+                              reference=loaded.get(ref_name) if ref_name else None, desc=precision)
+        foot = weight_footprint(model)  # after the evaluation: 4-bit layers are in their repacked state
+        row = PrecisionRow(precision, result.ppl, result.nll, result.seconds, load_seconds, foot.bytes,
+                           foot.params, foot.bits_per_param, foot.linear_bits_per_param, kl=result.kl,
+                           top1=result.top1)
+        ref_row = report.row(ref_name) if ref_name else None
+        if ref_row is not None:
+            row.reference, row.delta = ref_name, result.ppl - ref_row.ppl
+            row.delta_rel = row.delta / ref_row.ppl
+        report.rows.append(row)
+        if progress:
+            print(f"{precision:>7s}: {result.summary()}", flush=True)
+        if precision in refs_needed.values():
+            loaded[precision] = model
+        del model
+        later = set(refs_needed[p] for p in order[i + 1:])
+        for name in [n for n in loaded if n not in later]:
+            del loaded[name]
+        gc.collect()
+    return report
+
+

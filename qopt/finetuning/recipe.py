@@ -1,0 +1,95 @@
+"""The `qopt finetune` recipe: a checkpoint loaded (quantized for QLoRA), prepared for training, given a LoRA
+adapter and trained on a text or JSONL file by `qopt.finetuning.trainer`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import set_seed
+from torch import nn
+
+from ..loading.loader import load
+from ..model.config import OPTConfig
+from ..model.network import OPTForCausalLM, OPTForSequenceClassification
+from ..model.tokenizer import tokenizer_for
+from .data import classification_dataset, lm_dataset
+from .lora import LoraConfig, add_lora
+from .trainer import TrainingArguments, TrainResult, train
+
+
+def prepare_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True) -> nn.Module:
+    """PEFT's recipe for training adapters on a low-bit base.
+
+    Freezes every weight, puts every non-quantized float tensor (norms, embedding, head, biases) in fp32 so
+    the small updates LoRA makes are not lost to bf16 rounding, and with gradient checkpointing makes the
+    embedding output require grad, so recomputed layers get gradients even though the embedding is frozen.
+    """
+    for param in model.parameters():
+        param.requires_grad_(False)
+        if param.dtype in (torch.float16, torch.bfloat16):
+            param.data = param.data.float()
+    if use_gradient_checkpointing:
+        enable_input_require_grads(model)
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def enable_input_require_grads(model: nn.Module) -> None:
+    if getattr(model, "_input_grads_hook", None) is None:
+        hook = lambda _module, _inputs, output: output.requires_grad_(True)  # noqa: E731
+        model._input_grads_hook = model.get_input_embeddings().register_forward_hook(hook)
+
+
+# -- the `qopt finetune` composition ------------------------------------------------------------------------
+TASKS = ("causal-lm", "seq-cls")
+
+
+def finetune(model_path: str | Path, data: str | Path, args: TrainingArguments, lora: LoraConfig | None = None,
+             *, task: str = "causal-lm", eval_data: str | Path | None = None, eval_fraction: float = 0.1,
+             quantization: str | None = None, torch_dtype: str | torch.dtype | None = None,
+             block_size: int | None = None, max_length: int | None = None, gradient_checkpointing: bool = True,
+             adapter_dtype: torch.dtype = torch.float32,
+             on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Load a checkpoint (quantized for QLoRA), add a LoRA adapter, train it on a text / JSONL file.
+
+    Without `eval_data`, the last `eval_fraction` of the blocks (or examples) is held out for evaluation.
+    `block_size` defaults to min(256, the model's context) and `max_length` to the model's context.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task {task!r}: expected one of {TASKS}")
+    config = OPTConfig.from_pretrained(model_path)
+    block_size = block_size or min(256, config.max_position_embeddings)
+    max_length = max_length or config.max_position_embeddings
+    length = block_size if task == "causal-lm" else max_length
+    if length > config.max_position_embeddings:
+        raise ValueError(f"{'block_size' if task == 'causal-lm' else 'max_length'} {length} exceeds the "
+                         f"model's max_position_embeddings ({config.max_position_embeddings})")
+    tokenizer = tokenizer_for(model_path)
+    overrides: dict[str, Any] = {}
+    if task == "causal-lm":
+        model_class: type = OPTForCausalLM
+        train_set: Any = lm_dataset(data, tokenizer, block_size)
+        eval_set: Any = lm_dataset(eval_data, tokenizer, block_size) if eval_data else None
+    else:
+        model_class = OPTForSequenceClassification
+        train_set = classification_dataset(data, tokenizer, max_length)
+        eval_set = classification_dataset(eval_data, tokenizer, max_length, train_set.label_names) \
+            if eval_data else None
+        overrides["num_labels"] = len(train_set.label_names)
+    if eval_set is None and eval_fraction:
+        train_set, eval_set = train_set.split(eval_fraction)
+    set_seed(args.seed)
+    if quantization:
+        overrides["quantization"] = quantization
+    model = load(model_path, model_class=model_class, torch_dtype=torch_dtype, progress=args.progress,
+                 **overrides)
+    if quantization:
+        prepare_for_kbit_training(model, gradient_checkpointing)
+    elif gradient_checkpointing:
+        enable_input_require_grads(model)
+        model.gradient_checkpointing_enable()
+    add_lora(model, lora, dtype=adapter_dtype)
+    return train(model, train_set, eval_set, args, on_step)

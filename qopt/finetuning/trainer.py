@@ -1,0 +1,378 @@
+"""The LoRA / QLoRA fine-tuning loop on `accelerate.Accelerator`: checkpoints, exact resume, evaluation.
+
+The same code runs as one process, under `torchrun` or under `accelerate launch`: the Accelerator wraps the model
+for data parallelism and shards the batches; nothing here knows how many processes there are beyond logging.
+A checkpoint (adapter, optimizer, scheduler, step, data position and every process's RNG state) is written to a
+sibling staging folder and swapped in, so a kill at any moment leaves the previous complete checkpoint, and a
+resumed run continues with the same losses an uninterrupted one would have.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import resource
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import bitsandbytes as bnb
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ..errors import AdapterError
+from ..io.atomic import atomic_write_text, publish_folder, staging_folder
+from ..utils import format_bytes
+from .adapters import (adapter_state_dict, load_adapter_state_dict, read_adapter_weights, save_adapter,
+                       write_adapter_files)
+from .lora import adapter_set, trainable_parameters
+
+logger = logging.getLogger(__name__)
+CHECKPOINT_DIR = "checkpoint"
+TRAINER_STATE = "trainer_state.json"
+TRAINING_LOG = "training_log.json"
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+@dataclass
+class TrainingArguments:
+    """Steps count optimizer updates; one update sees batch_size x gradient_accumulation_steps x processes rows."""
+
+    output_dir: str
+    max_steps: int = 100
+    batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 2e-4
+    lr_scheduler: str = "linear"
+    warmup_steps: int = 0
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    save_steps: int = 0  # 0: a checkpoint only at the end
+    eval_steps: int = 0  # 0: evaluate only at the end
+    eval_batches: int | None = None  # cap on evaluation batches (None: the whole eval set)
+    seed: int = 0
+    bf16: bool = False  # autocast the forward to bfloat16 (adapters and optimizer stay fp32)
+    resume: bool = True  # continue from output_dir/checkpoint when one is there
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer {self.optimizer!r}: expected one of {OPTIMIZERS}")
+        if self.lr_scheduler not in SCHEDULES:
+            raise ValueError(f"lr_scheduler {self.lr_scheduler!r}: expected one of {SCHEDULES}")
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "save_steps", "eval_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    losses: list[float]  # mean training loss of every optimizer step, resumed history included
+    evals: list[dict[str, float]]
+    trainable_parameters: int
+    total_parameters: int
+    tokens_per_second: float
+    seconds: float
+    peak_rss_bytes: int
+    cuda_peak_bytes: int | None
+    resumed_from: int | None
+    output_dir: str
+    processes: int = 1
+    is_main_process: bool = True  # under torchrun every process returns a result; one of them reports
+
+    def summary(self) -> str:
+        last = self.evals[-1] if self.evals else {}
+        evals = ", ".join(f"eval {k} {v:.4g}" for k, v in last.items() if k != "step")
+        cuda = f", CUDA max allocated {format_bytes(self.cuda_peak_bytes)}" if self.cuda_peak_bytes else ""
+        return (f"{self.steps} steps, final loss {self.losses[-1]:.4f}{', ' + evals if evals else ''}; "
+                f"trainable {self.trainable_parameters:,} of {self.total_parameters:,} parameters "
+                f"({100 * self.trainable_parameters / max(1, self.total_parameters):.2f}%); "
+                f"{self.tokens_per_second:,.0f} tokens/s; peak RSS {format_bytes(self.peak_rss_bytes)}{cuda}")
+
+
+# -- model preparation --------------------------------------------------------------------------------------
+def make_optimizer(params: list[nn.Parameter], args: TrainingArguments, on_gpu: bool) -> torch.optim.Optimizer:
+    """AdamW in fp32, or bitsandbytes' 8-bit AdamW; paged memory needs CUDA, so CPU falls back to unpaged."""
+    kwargs = dict(lr=args.learning_rate, weight_decay=args.weight_decay)
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+
+    if args.optimizer == "paged_adamw8bit":
+        if on_gpu:
+            return bnb.optim.PagedAdamW8bit(params, **kwargs)
+        warnings.warn("paged_adamw8bit: paged optimizer memory needs CUDA; using AdamW8bit on CPU", stacklevel=2)
+    return bnb.optim.AdamW8bit(params, **kwargs)
+
+
+def lr_factor(step: int, args: TrainingArguments) -> float:
+    """Linear warmup to the peak, then linear or cosine decay to zero at max_steps (transformers' shapes)."""
+    if step < args.warmup_steps:
+        return (step + 1) / args.warmup_steps
+    if args.lr_scheduler == "constant":
+        return 1.0
+    progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
+    if args.lr_scheduler == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return max(0.0, 1.0 - progress)
+
+
+# -- evaluation ---------------------------------------------------------------------------------------------
+@contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[None]:
+    """eval() for dropout, but 4-bit layers keep their training layout.
+
+    bitsandbytes repacks a Linear4bit for its CPU kernel at the first eval-mode forward and stores the absmax in
+    bf16 then, which would change the base weights training sees after the first evaluation.
+    """
+    was_training = model.training
+    model.eval()
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit":
+            module.training = True
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator, bf16: bool = False,
+             max_batches: int | None = None) -> dict[str, float]:
+    """Token-weighted mean loss and perplexity (causal LM), or mean loss and accuracy (classification)."""
+    totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss sum, weight, correct, rows
+    with evaluation_mode(model):
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            with _autocast(accelerator, bf16):
+                out = model(**batch)
+            if out.logits.dim() == 2:  # classification: one row per example
+                rows = batch["labels"].shape[0]
+                totals += torch.tensor([out.loss.item() * rows, rows,
+                                        (out.logits.argmax(-1) == batch["labels"]).sum().item(), rows],
+                                       dtype=torch.float64, device=totals.device)
+            else:
+                tokens = _predicted_tokens(batch)
+                totals += torch.tensor([out.loss.item() * tokens, tokens, 0, 0], dtype=torch.float64,
+                                       device=totals.device)
+    totals = accelerator.reduce(totals, "sum")
+    loss = (totals[0] / totals[1].clamp_min(1)).item()
+    if totals[3] > 0:
+        return {"loss": loss, "accuracy": (totals[2] / totals[3]).item()}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+
+
+def _predicted_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens that have a next-token target (the loss averages over these)."""
+    mask = batch.get("attention_mask")
+    labels = batch["labels"] if mask is None else batch["labels"].masked_fill(mask == 0, -100)
+    return int((labels[:, 1:] != -100).sum())
+
+
+def _autocast(accelerator: Accelerator, bf16: bool) -> Any:
+    return torch.autocast(accelerator.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+# -- data order ---------------------------------------------------------------------------------------------
+def _epoch_loader(dataset: Dataset, args: TrainingArguments, epoch: int, accelerator: Accelerator) -> DataLoader:
+    """A fixed shuffled order per (seed, epoch), from its own generator: the global RNG only drives dropout,
+    and a resumed run finds the same batches by skipping the ones already seen."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
+    return accelerator.prepare_data_loader(_loader(dataset, args.batch_size, order.tolist(), drop_last=True))
+
+
+def _loader(dataset: Dataset, batch_size: int, order: list[int] | None = None, drop_last: bool = False
+            ) -> DataLoader:
+    """A DataLoader with a generator of its own: without one, every new iterator draws a seed from the global
+    RNG, so evaluating or resuming would shift the dropout masks of the steps after it."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=order, drop_last=drop_last,
+                      collate_fn=getattr(dataset, "collate", None), generator=torch.Generator().manual_seed(0))
+
+
+# -- checkpoints --------------------------------------------------------------------------------------------
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        state["numpy"] = np.random.get_state()
+    except ImportError:
+        pass
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        np.random.set_state(state["numpy"])
+
+
+def save_checkpoint(folder: Path, accelerator: Accelerator, model: nn.Module, optimizer: Any,
+                    scheduler: Any, state: dict[str, Any]) -> None:
+    """Everything a run needs to continue exactly; written by the main process, swapped in whole."""
+    rng_states = gather_object([_rng_state()])  # one per process, in process order
+    if accelerator.is_main_process:
+        adapters = adapter_set(model)
+        tmp = staging_folder(folder)
+        write_adapter_files(tmp, adapters.configs[adapters.active], adapter_state_dict(model))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng_states, tmp / "rng_state.pt")
+        atomic_write_text(tmp / TRAINER_STATE, json.dumps(state, indent=1) + "\n")
+        publish_folder(tmp, folder)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(folder: Path, accelerator: Accelerator, model: nn.Module, optimizer: Any,
+                    scheduler: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Restore adapter, optimizer and scheduler; returns the trainer state and this process's RNG state."""
+    state = json.loads((folder / TRAINER_STATE).read_text())
+    weights, file = read_adapter_weights(folder)
+    load_adapter_state_dict(model, adapter_set(model).active, weights, str(file))
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    rng_states = torch.load(folder / "rng_state.pt", weights_only=False)  # our own file: python / numpy tuples
+    if len(rng_states) != accelerator.num_processes:
+        logger.warning("%s: saved by %d processes, resuming with %d: RNG streams restart from the seed",
+                       folder, len(rng_states), accelerator.num_processes)
+        return state, None
+    return state, rng_states[accelerator.process_index]
+
+
+def _check_same_data_order(saved: dict[str, Any], args: TrainingArguments, folder: Path) -> None:
+    """The saved data position only means the same batches under the same seed and batch shape."""
+    for name in ("seed", "batch_size", "gradient_accumulation_steps"):
+        if saved.get(name) != getattr(args, name):
+            raise ValueError(f"{folder}: the checkpoint was written with {name}={saved.get(name)}, this run has "
+                             f"{getattr(args, name)}; resume with the same value or start over (resume=False)")
+
+
+# -- the loop -----------------------------------------------------------------------------------------------
+def train(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, args: TrainingArguments,
+          on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Train the active LoRA adapter of `model`; the adapter is saved to output_dir in PEFT's format."""
+    adapters = adapter_set(model)
+    if adapters.active is None:
+        raise AdapterError("no active adapter to train (add one with qopt.lora.add_lora)")
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    set_seed(args.seed, device_specific=True)
+    output = Path(args.output_dir)
+    trainable, total = trainable_parameters(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, args, accelerator.device.type == "cuda")
+    # The scheduler is stepped here once per update rather than prepared: accelerate's wrapper would step it
+    # once per process, changing the schedule with the number of processes.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args))
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    eval_loader = None
+    if eval_set is not None:
+        eval_loader = accelerator.prepare_data_loader(_loader(eval_set, args.batch_size))
+    if len(train_set) < args.batch_size * accelerator.num_processes:
+        raise ValueError(f"{len(train_set)} training examples are fewer than one batch of {args.batch_size} "
+                         f"per process ({accelerator.num_processes} processes)")
+
+    state: dict[str, Any] = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "losses": [], "evals": [],
+                             "args": asdict(args)}
+    resumed_from, rng = None, None
+    checkpoint_dir = output / CHECKPOINT_DIR
+    if accelerator.is_main_process:  # staging folders a killed save left behind; the published copy is intact
+        for stale in output.glob(f".{CHECKPOINT_DIR}.*-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    if args.resume and (checkpoint_dir / TRAINER_STATE).exists():
+        state, rng = load_checkpoint(checkpoint_dir, accelerator, model, optimizer, scheduler)
+        _check_same_data_order(state["args"], args, checkpoint_dir)
+        resumed_from = state["step"]
+        logger.info("resuming from %s at step %d", checkpoint_dir, resumed_from)
+    if rng is not None:
+        _set_rng_state(rng)
+
+    bar = tqdm(total=args.max_steps, initial=state["step"], desc="Fine-tuning", unit="step",
+               disable=not (args.progress and accelerator.is_local_main_process))
+
+    def run_eval() -> None:
+        result = {"step": state["step"], **evaluate(wrapped, eval_loader, accelerator, args.bf16, args.eval_batches)}
+        state["evals"].append(result)
+        if accelerator.is_main_process:
+            bar.write("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+
+    if accelerator.is_main_process and args.progress:
+        bar.write(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(1, total):.2f}%), "
+                  f"{accelerator.num_processes} process(es) on {accelerator.device.type}")
+    if eval_loader is not None and state["step"] == 0:
+        run_eval()  # the starting point, so the log shows what training changed
+    accum, micro, step_loss, tokens, start = args.gradient_accumulation_steps, 0, 0.0, 0, time.perf_counter()
+    wrapped.train()
+    while state["step"] < args.max_steps:
+        loader = _epoch_loader(train_set, args, state["epoch"], accelerator)
+        if state["batches_in_epoch"]:
+            loader = accelerator.skip_first_batches(loader, state["batches_in_epoch"])
+        for batch in loader:
+            micro += 1
+            state["batches_in_epoch"] += 1
+            syncing = micro % accum == 0
+            with accelerator.no_sync(wrapped) if not syncing else nullcontext():
+                with _autocast(accelerator, args.bf16):
+                    loss = wrapped(**batch).loss
+                accelerator.backward(loss / accum)
+            step_loss += loss.item() / accum
+            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+            if not syncing:
+                continue
+            if args.max_grad_norm:
+                accelerator.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            mean_loss = accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "mean").item()
+            state["step"] += 1
+            state["losses"].append(mean_loss)
+            step_loss = 0.0
+            rate = tokens * accelerator.num_processes / max(time.perf_counter() - start, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{rate:,.0f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            step = state["step"]
+            if eval_loader is not None and (step == args.max_steps or args.eval_steps and step % args.eval_steps == 0):
+                run_eval()
+            if step == args.max_steps or args.save_steps and step % args.save_steps == 0:
+                save_checkpoint(checkpoint_dir, accelerator, model, optimizer, scheduler, state)
+            if on_step is not None:
+                on_step(step, mean_loss)
+            if step >= args.max_steps:
+                break
+        else:
+            state["epoch"] += 1
+            state["batches_in_epoch"] = 0
+    bar.close()
+    seconds = time.perf_counter() - start
+    result = TrainResult(
+        steps=state["step"], losses=state["losses"], evals=state["evals"], trainable_parameters=trainable,
+        total_parameters=total, tokens_per_second=tokens * accelerator.num_processes / max(seconds, 1e-9),
+        seconds=seconds, peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        cuda_peak_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        resumed_from=resumed_from, output_dir=str(output), processes=accelerator.num_processes,
+        is_main_process=accelerator.is_main_process)
+    if accelerator.is_main_process:
+        save_adapter(model, output)
+        atomic_write_text(output / TRAINING_LOG, json.dumps(asdict(result), indent=1) + "\n")
+    accelerator.wait_for_everyone()
+    return result

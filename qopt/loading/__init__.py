@@ -1,0 +1,1 @@
+"""The streaming loader (checkpoint -> meta model -> quantized, placed model) and model-aware saving."""

@@ -1,0 +1,295 @@
+"""`load()`: a checkpoint folder streamed into a model built on the meta device, one shard at a time.
+
+The stages, each a plain function: read config.json and the shard headers -> build the model on the meta
+device with its quantized Linears swapped in as empty bitsandbytes modules -> place it
+(`planning.infer_device_map`, quantized sizes) -> stream the shards, quantizing each Linear weight as it
+arrives and putting every tensor where the map says (CPU, GPU or the offload folder) -> attach the hooks that
+run layers on other devices or from disk. The full-precision model never exists in memory: peak host memory
+is about the quantized model plus the shard being read (its memory map is closed once it is consumed).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+from accelerate.utils import set_module_tensor_to_device
+from tqdm.auto import tqdm
+
+from ..errors import CheckpointError, ConfigError, PlanError
+from ..io.checkpoint import CheckpointFiles, check_tensor_shapes, inspect_checkpoint, iter_shard_tensors, normalize_key
+from ..model.config import OPTConfig
+from ..model.network import LAYER_PREFIX, OPTForCausalLM, OPTModel, OPTPreTrainedModel, decoder_layer_index
+from ..place.device_map import device_of, infer_device_map, summarize
+from ..place.offload import OffloadFolder, attach_disk_hooks, check_offloadable
+from ..place.plan import DeviceMap
+from ..place.sizes import format_bytes, meta_model, placed_bytes
+from ..quant.config import QuantizationConfig
+from ..quant.modules import bits_of, is_quantized, owning_module, quantize_weight, saved_keys, set_quantized_state
+from .saving import save_model
+
+logger = logging.getLogger(__name__)
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_HEAD_PREFIXES = ("score.", "qa_outputs.")  # task heads a causal-LM checkpoint does not have
+
+
+def resolve_dtype(torch_dtype: str | torch.dtype | None, config: OPTConfig) -> torch.dtype:
+    """None means float32 (as in HF); "auto" means the dtype config.json names."""
+    if torch_dtype is None:
+        return torch.float32
+    if isinstance(torch_dtype, torch.dtype):
+        return torch_dtype
+    if torch_dtype == "auto":
+        return _DTYPES.get(config.torch_dtype or "float32", torch.float32)
+    if torch_dtype not in _DTYPES:
+        raise ValueError(f"torch_dtype {torch_dtype!r}: expected one of {sorted(_DTYPES)} or 'auto'")
+    return _DTYPES[torch_dtype]
+
+
+def resolve_quantization(requested: Any, config: OPTConfig, source: str) -> tuple[QuantizationConfig | None, bool]:
+    """(quantization, pre_quantized): the checkpoint's own `quantization_config` wins; a request may only
+    restate its format (then the request's runtime settings, compute dtype and int8 threshold, apply)."""
+    wanted = None if requested is None else QuantizationConfig.coerce(requested)
+    if config.quantization_config is None:
+        return wanted, False
+    stored = QuantizationConfig.from_dict(config.quantization_config, source=f"{source}: quantization_config")
+    if wanted is None:
+        return stored, True
+    if wanted.name != stored.name:
+        raise ConfigError(f"{source}: the checkpoint is already quantized ({stored.name}); it cannot be loaded as "
+                          f"{wanted.name} (load it without a quantization argument)")
+    stored.bnb_4bit_compute_dtype = wanted.bnb_4bit_compute_dtype
+    stored.llm_int8_threshold = wanted.llm_int8_threshold
+    return stored, True
+
+
+def load(path: str | os.PathLike, *, quantization: Any = None, quantization_config: Any = None,
+         torch_dtype: str | torch.dtype | None = None, dtype: str | torch.dtype | None = None,
+         device_map: Any = None, max_memory: dict[Any, Any] | None = None,
+         offload_folder: str | os.PathLike | None = None, model_class: type[OPTPreTrainedModel] = OPTForCausalLM,
+         progress: bool = True, **config_overrides: Any) -> OPTPreTrainedModel:
+    """Load a local HF OPT checkpoint folder, optionally quantizing it on the fly; returns the model in eval mode.
+
+    `quantization` (alias `quantization_config`): "int8" | "nf4" | "fp4" | "nf4-dq" | "fp4-dq", a
+    `QuantizationConfig` or transformers' `BitsAndBytesConfig`; a pre-quantized checkpoint loads as saved.
+    `device_map`: None (all on CPU), a device, a dict, or "auto" | "balanced" | "balanced_low_0" | "sequential"
+    (planned with `max_memory`, e.g. {0: "20GiB", "cpu": "30GiB"}); layers that fit nowhere go to
+    `offload_folder` and are read back at each forward. `model.hf_device_map` says where everything went.
+    """
+    path = Path(path)
+    config = OPTConfig.from_pretrained(path)
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
+    config.validate(str(path / "config.json"))
+    files = inspect_checkpoint(path)
+    quant, pre_quantized = resolve_quantization(quantization if quantization is not None else quantization_config,
+                                                config, str(path))
+    dtype = resolve_dtype(torch_dtype if torch_dtype is not None else dtype, config)
+    model = meta_model(config, quant, model_class)
+    placement = infer_device_map(model, dtype, device_map, max_memory)
+    check_offloadable(placement)
+    offload = _offload_target(model, dtype, placement, offload_folder, path)
+    shard_loader = _ShardLoader(model, files, quant, pre_quantized, dtype, placement, offload, path)
+    total = sum(f.stat().st_size for f in files.shards)
+    try:
+        with tqdm(total=total, unit="B", unit_scale=True, desc="Loading", disable=not progress) as bar:
+            for shard in files.shards:
+                bar.set_description(f"Loading {shard.name}")
+                for raw_name, tensor in iter_shard_tensors(files, shard):
+                    shard_loader.put(raw_name, tensor, shard)
+                    bar.update(tensor.numel() * tensor.element_size())
+        shard_loader.finish()
+    except BaseException:
+        if offload is not None:
+            offload.remove()
+        raise
+    dispatch(model, placement, offload)
+    model.hf_device_map = placement
+    model.name_or_path = str(path)  # lets adapters check which base they were trained on
+    if quant is not None:
+        model.config.quantization_config = quant.to_dict()
+    logger.info("%s: %s, %d layers quantized; placement: %s", path, quant.name if quant else str(dtype),
+                len(shard_loader.quantized), "; ".join(summarize(placement)))
+    return model.eval()
+
+
+AUXILIARY_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "generation_config.json")
+
+
+def quantize_checkpoint(path: str | os.PathLike, out: str | os.PathLike, quantization: Any, *,
+                        torch_dtype: str | torch.dtype = "bfloat16", max_shard_size: str | int = "2GB"
+                        ) -> tuple[int, int]:
+    """Stream a float checkpoint into a quantized model and write it pre-quantized (atomically), with the
+    source's tokenizer files; returns (quantized layers, bytes of weights written)."""
+    model = load(path, quantization=quantization, torch_dtype=torch_dtype)
+    extras = [Path(path) / name for name in AUXILIARY_FILES if (Path(path) / name).is_file()]
+    save_model(model, out, max_shard_size, extra_files=extras)
+    layers = sum(1 for m in model.modules() if is_quantized(m))
+    return layers, sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
+
+
+def _offload_target(model: OPTPreTrainedModel, dtype: torch.dtype, placement: DeviceMap,
+                    folder: str | os.PathLike | None, path: Path) -> OffloadFolder | None:
+    """A fresh folder for the layers placed on disk, once it is known that they fit there."""
+    if "disk" not in placement.values():
+        return None
+    if folder is None:
+        raise CheckpointError(f"{path}: the model does not fit in max_memory, so some layers go to disk; pass "
+                              f"offload_folder= (placement: {'; '.join(summarize(placement))})")
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    need, free = placed_bytes(model, dtype, placement, "disk"), shutil.disk_usage(folder).free
+    if need > free:
+        on_disk = [s for s in summarize(placement) if s.startswith("disk")]
+        raise PlanError(f"offload folder {folder}: {format_bytes(free)} free, but the layers placed on disk "
+                        f"({'; '.join(on_disk)}) need {format_bytes(need)}; free space there, pass another "
+                        f"offload_folder= or raise max_memory")
+    return OffloadFolder(tempfile.mkdtemp(prefix="qopt-offload-", dir=folder))
+
+
+class _ShardLoader:
+    """Receives checkpoint tensors in any order and puts each one where it belongs, quantizing on arrival."""
+
+    def __init__(self, model: OPTPreTrainedModel, files: CheckpointFiles, quant: QuantizationConfig | None,
+                 pre_quantized: bool, dtype: torch.dtype, placement: DeviceMap, offload: OffloadFolder | None,
+                 path: Path) -> None:
+        self.model, self.files, self.quant, self.pre_quantized = model, files, quant, pre_quantized
+        self.dtype, self.placement, self.offload, self.path = dtype, placement, offload, path
+        self.has_prefix = not isinstance(model, OPTModel)
+        self.quantized = {name: m for name, m in model.named_modules() if is_quantized(m)}
+        self.plain = {name: p for name, p in model.named_parameters()
+                      if owning_module(name, self.quantized) is None}
+        self.required = {name: self._required_keys(name, m) for name, m in self.quantized.items()}
+        self.pending: dict[str, dict[str, torch.Tensor]] = {}  # quantized layer -> tensors ready so far
+        self.arrived: dict[str, set[str]] = {}  # quantized layer -> checkpoint keys seen so far
+        self.loaded: set[str] = set()
+        expected = {n: p.shape for n, p in self.plain.items()}
+        if not pre_quantized:
+            expected.update({f"{n}.{k}": getattr(m, k).shape for n, m in self.quantized.items() for k in
+                             self.required[n]})
+        check_tensor_shapes(files, expected, lambda raw: normalize_key(raw, self.has_prefix))
+        for raw, info in files.tensors.items():  # headers: refuse extra layers before any data is read
+            self._check_layer(raw, info.file)
+
+    def _required_keys(self, name: str, module: torch.nn.Module) -> set[str]:
+        if not self.pre_quantized:
+            return {"weight"} | ({"bias"} if module.bias is not None else set())
+        if self.files.format != "safetensors":
+            raise CheckpointError(f"{self.path}: pre-quantized checkpoints must be safetensors")
+        keys = {normalize_key(raw, self.has_prefix) for raw in self.files.tensors}
+        found = {k[len(name) + 1:] for k in keys if k.startswith(name + ".")}
+        return saved_keys(module) - ({"weight_format"} - found)
+
+    def put(self, raw_name: str, tensor: torch.Tensor, shard: Path) -> None:
+        name = normalize_key(raw_name, self.has_prefix)
+        owner = owning_module(name, self.quantized)
+        if owner is not None:
+            self._put_quantized(owner, name[len(owner) + 1:], tensor, f"{shard}: tensor '{raw_name}'")
+            return
+        param = self.plain.get(name)
+        if param is None:
+            self._check_layer(raw_name, shard)
+            return  # e.g. lm_head.weight when loading a task head, or HF bookkeeping buffers
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise CheckpointError(f"{shard}: tensor '{raw_name}' has shape {list(tensor.shape)}, "
+                                  f"config.json implies {list(param.shape)}")
+        if not tensor.dtype.is_floating_point:
+            raise CheckpointError(f"{shard}: tensor '{raw_name}' has dtype {tensor.dtype}, expected a float")
+        self._place(name, tensor.to(self.dtype, copy=True))
+        self.loaded.add(name)
+
+    def _check_layer(self, raw_name: str, file: Path) -> None:
+        """A tensor of a decoder layer the config does not declare means config and weights disagree."""
+        index = decoder_layer_index(raw_name)
+        layers = self.model.config.num_hidden_layers
+        if index is not None and index >= layers:
+            raise CheckpointError(f"{file}: tensor '{raw_name}' belongs to decoder layer {index}, but "
+                                  f"config.json declares {layers} layers ({LAYER_PREFIX}{index} does not exist)")
+
+    def _place(self, name: str, value: torch.Tensor) -> None:
+        device = device_of(name, self.placement)
+        if device == "disk":
+            self.offload.put(name, value)
+        else:
+            set_module_tensor_to_device(self.model, name, device, value=value, dtype=value.dtype)
+
+    def _put_quantized(self, owner: str, key: str, tensor: torch.Tensor, where: str) -> None:
+        module = self.quantized[owner]
+        if key not in self.required[owner]:
+            hint = "" if self.pre_quantized else " (a quantized tensor, but config.json has no quantization_config)"
+            raise CheckpointError(f"{where} is not expected for quantized layer '{owner}'{hint}")
+        device = device_of(owner, self.placement)
+        target = "cpu" if device == "disk" else device
+        if self.pre_quantized:
+            values = {key: tensor.to(target, copy=True)}
+        elif key == "weight":
+            if tuple(tensor.shape) != (module.out_features, module.in_features) or not tensor.dtype.is_floating_point:
+                raise CheckpointError(f"{where} is {tensor.dtype} {list(tensor.shape)}, expected a float weight of "
+                                      f"shape {[module.out_features, module.in_features]}")
+            values = quantize_weight(tensor.to(target), self.quant, bits_of(module), self.dtype)
+        else:
+            values = {key: tensor.to(target, self.dtype, copy=True)}
+        self.pending.setdefault(owner, {}).update(values)
+        arrived = self.arrived.setdefault(owner, set())
+        arrived.add(key)
+        if arrived == self.required[owner]:
+            self._finish_module(owner, self.pending.pop(owner), device)
+
+    def _finish_module(self, owner: str, state: dict[str, torch.Tensor], device: int | str) -> None:
+        if device == "disk":
+            for key, value in state.items():
+                self.offload.put(f"{owner}.{key}", value)
+        else:
+            set_quantized_state(self.quantized[owner], state, _torch_device(device), source=f"{self.path}: {owner}")
+
+    def finish(self) -> None:
+        incomplete = [n for n in self.quantized if self.arrived.get(n) != self.required[n]]
+        if incomplete:
+            owner = incomplete[0]
+            missing = sorted(self.required[owner] - self.arrived.get(owner, set()))
+            more = f" (and {len(incomplete) - 1} more quantized layers)" if len(incomplete) > 1 else ""
+            raise CheckpointError(f"{self.path}: tensors missing from the checkpoint: "
+                                  f"{', '.join(f'{owner}.{k}' for k in missing)}{more}")
+        _finish_missing(self.model, self.plain, self.loaded, self.path, self.dtype, self._place)
+        self.model.tie_weights()
+
+
+def _torch_device(device: int | str) -> torch.device:
+    return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+
+
+def _finish_missing(model: OPTPreTrainedModel, expected: dict[str, torch.nn.Parameter], loaded: set[str],
+                    path: Path, dtype: torch.dtype, place: Any) -> None:
+    """Initialise new task heads like HF does; any other missing tensor is an error."""
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    missing = sorted(set(expected) - loaded - tied)
+    fatal = [n for n in missing if not n.startswith(_HEAD_PREFIXES)]
+    if fatal:
+        more = f" and {len(fatal) - 5} more" if len(fatal) > 5 else ""
+        raise CheckpointError(f"{path}: tensors missing from the checkpoint: {', '.join(fatal[:5])}{more}")
+    if missing:
+        logger.warning("%s: newly initialised (not in the checkpoint): %s", path, ", ".join(missing))
+    generator = torch.Generator().manual_seed(0)
+    for name in missing:
+        shape = expected[name].shape
+        value = torch.zeros(shape) if name.endswith("bias") else \
+            torch.randn(shape, generator=generator) * model.config.init_std
+        place(name, value.to(dtype))
+
+
+def dispatch(model: OPTPreTrainedModel, placement: DeviceMap, offload: OffloadFolder | None) -> None:
+    """Hooks for a model spread over devices: inputs follow each module's device; disk layers are rebuilt."""
+    devices = {d for d in placement.values() if d != "disk"}
+    main = min((d for d in devices if isinstance(d, int)), default="cpu")
+    if offload is not None:
+        attach_disk_hooks(model, placement, offload.loader(), _torch_device(main))
+    if len(devices | ({main} if offload else set())) > 1:
+        for name, device in placement.items():
+            if device != "disk":
+                add_hook_to_module(model.get_submodule(name), AlignDevicesHook(_torch_device(device)))

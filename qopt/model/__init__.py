@@ -1,0 +1,1 @@
+"""The OPT network in plain torch: config, layers and heads, KV cache, outputs, tokenizer, NaN/inf tracing."""

@@ -1,0 +1,147 @@
+"""Disk offload of decoder layers, quantized ones included.
+
+accelerate's own disk offload writes a bitsandbytes layer's tensors correctly but cannot put them back (it
+rebuilds `Params4bit` around a meta quant state; `Linear8bitLt` assumes a GPU). Here the offload folder holds
+each layer's tensors in the standard saved layout (accelerate's `offload_weight` format: one raw `.dat` file per
+tensor plus `index.json`, read back through accelerate's memory-mapped loader), and `RebuildOnForward`, an
+accelerate `ModelHook`, rebuilds the layer from them before its forward (quantized weights through
+`set_quantized_state`, no re-quantization) and frees it after.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import weakref
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.hooks import ModelHook, add_hook_to_module
+from accelerate.utils import OffloadedWeightsLoader, save_offload_index, send_to_device, set_module_tensor_to_device
+from torch import nn
+
+from ..errors import PlanError
+from ..model.network import is_decoder_layer
+from ..quant.modules import is_quantized, owning_module, set_quantized_state
+from .sizes import format_bytes
+
+
+class OffloadFolder:
+    """Tensors written one by one to an offload folder; `loader()` reads them back lazily."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.index: dict[str, dict[str, Any]] = {}
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        """Write one tensor in accelerate's `offload_weight` layout (raw `.dat` + index entry), but through plain
+        file writes: a full disk then raises ENOSPC here, where writing through a memory map (as `offload_weight`
+        does) would kill the process with SIGBUS."""
+        tensor, dtype = tensor.detach().cpu(), None
+        if tensor.dtype == torch.bfloat16:  # NumPy has no bfloat16: stored as int16, as accelerate does
+            tensor, dtype = tensor.view(torch.int16), "bfloat16"
+        elif str(tensor.dtype).startswith("torch.float8_"):
+            tensor, dtype = tensor.view(torch.int8), str(tensor.dtype).split(".")[1]
+        array = tensor.contiguous().numpy()
+        try:
+            with open(self.folder / f"{name}.dat", "wb") as file:
+                file.write(memoryview(array.reshape(-1)).cast("B"))  # OSError with errno on a short write
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise
+            raise PlanError(f"offload folder {self.folder.parent}: no space left writing '{name}' "
+                            f"({format_bytes(array.nbytes)}; {err.strerror}); free space there, pass another "
+                            f"offload_folder= or raise max_memory") from None
+        self.index[name] = {"dtype": dtype or str(array.dtype), "shape": list(array.shape)}
+
+    def remove(self) -> None:
+        """Delete what was written (a load that failed part-way leaves nothing behind)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def loader(self) -> OffloadedWeightsLoader:
+        save_offload_index(self.index, str(self.folder))
+        return OffloadedWeightsLoader(save_folder=str(self.folder), index=dict(self.index))
+
+
+class RebuildOnForward(ModelHook):
+    """Materialize a module's offloaded tensors on `device` for one forward, then return them to meta."""
+
+    def __init__(self, prefix: str, weights: Mapping[str, torch.Tensor], device: torch.device | str) -> None:
+        self.prefix = prefix
+        self.weights = weights
+        self.device = device
+        self.keys = [k for k in weights if k.startswith(prefix)]
+
+    def init_hook(self, module: nn.Module) -> nn.Module:
+        quantized = {name for name, m in module.named_modules() if is_quantized(m)}
+        self.groups: dict[str, list[str]] = {}  # quantized submodule (relative name) -> its keys
+        self.plain: list[str] = []  # other tensors (relative names)
+        for key in self.keys:
+            relative = key[len(self.prefix):]
+            owner = owning_module(relative, quantized)
+            (self.groups.setdefault(owner, []).append(relative) if owner is not None else self.plain.append(relative))
+        return module
+
+    def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        for owner, keys in self.groups.items():
+            state = {k[len(owner) + 1:]: self.weights[self.prefix + k] for k in keys}
+            set_quantized_state(module.get_submodule(owner), state, self.device,
+                                source=f"offloaded {self.prefix}{owner}")
+        for name in self.plain:
+            set_module_tensor_to_device(module, name, self.device, value=self.weights[self.prefix + name])
+        return send_to_device(args, self.device), send_to_device(kwargs, self.device)
+
+    def post_forward(self, module: nn.Module, output: Any) -> Any:
+        for owner in self.groups:
+            _release(module.get_submodule(owner))
+        for name in self.plain:
+            set_module_tensor_to_device(module, name, "meta")
+        return output
+
+
+def _release(module: nn.Module) -> None:
+    """Drop a rebuilt bitsandbytes module's tensors (back to meta placeholders)."""
+    for name, param in list(module._parameters.items()):
+        if param is not None:
+            module._parameters[name] = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"),
+                                                    requires_grad=False)
+    if hasattr(module, "quant_state"):
+        module.quant_state = None
+        module._statistics = None
+    if hasattr(module, "state"):  # Linear8bitLt keeps its int8 codes and scales here after a forward
+        module.state.CB = module.state.SCB = None
+
+
+def attach_disk_hooks(model: nn.Module, device_map: Mapping[str, Any], weights: OffloadedWeightsLoader,
+                      execution_device: torch.device | str) -> None:
+    """A `RebuildOnForward` on every module the map sends to disk."""
+    check_offloadable(device_map)
+    for name, device in device_map.items():
+        if device == "disk":
+            add_hook_to_module(model.get_submodule(name), RebuildOnForward(name + ".", weights, execution_device))
+    model._qopt_offloaded = weights
+    weakref.finalize(model, shutil.rmtree, weights.save_folder, True)  # the folder lives as long as the model
+
+
+def check_offloadable(device_map: Mapping[str, Any]) -> None:
+    """Only decoder layers may live on disk: embeddings, head and final norm are shared or tied."""
+    for name, device in device_map.items():
+        if device == "disk" and not (is_decoder_layer(name) or name.endswith("decoder.layers")):
+            raise PlanError(f"device map sends {name or 'the whole model'} to disk; only decoder layers can be "
+                            f"offloaded to disk (give the CPU room for the embeddings, head and final norm)")
+
+
+def offloaded_tensors(model: nn.Module) -> Mapping[str, torch.Tensor]:
+    """The offloaded tensors of a model loaded with disk offload (empty mapping otherwise)."""
+    return getattr(model, "_qopt_offloaded", {})
+
+
+def iter_offloaded_modules(model: nn.Module) -> Iterator[str]:
+    """Names of the modules whose tensors live in the offload folder."""
+    for name, module in model.named_modules():
+        hook = getattr(module, "_hf_hook", None)
+        if isinstance(hook, RebuildOnForward):
+            yield name

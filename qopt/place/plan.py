@@ -1,0 +1,156 @@
+"""The memory plan behind `qopt plan`: the loader's placement computed from a config alone, with each decoder
+layer's KV cache inside that layer's placeholder and activation memory reserved on every device, so the device
+map keeps room for generation.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import compute_module_sizes
+from torch import nn
+
+from ..bundled import data_dir
+from ..errors import ConfigError
+from ..model.config import OPTConfig
+from ..model.network import is_decoder_layer
+from ..quant.config import QuantizationConfig
+from ..quant.modules import is_quantized
+from ..utils import format_bytes
+from .device_map import infer_device_map, normalize_max_memory, summarize
+from .sizes import DeviceMap, activation_bytes, kv_cache_bytes_per_layer, meta_model, sizing_view
+
+
+# -- configs by name ------------------------------------------------------------------------------------------
+def config_for(source: OPTConfig | str | os.PathLike) -> tuple[OPTConfig, str]:
+    """(config, label) from an OPTConfig, a checkpoint folder / config.json, or a size name like "opt-30b"."""
+    if isinstance(source, OPTConfig):
+        return source, "config"
+    path = Path(source)
+    if path.exists():
+        return OPTConfig.from_pretrained(path), str(path)
+    key = "opt-" + str(source).lower().removeprefix("facebook/").removeprefix("opt-").removeprefix("opt")
+    folder = data_dir() / "configs"
+    if (folder / f"{key}.json").exists():
+        return OPTConfig.from_pretrained(folder / f"{key}.json"), key
+    shapes = json.loads((folder / "paper_shapes.json").read_text())
+    if key in shapes:
+        base = json.loads((folder / "opt-1.3b.json").read_text())
+        base.update(shapes[key], word_embed_proj_dim=shapes[key]["hidden_size"], _name_or_path=f"facebook/{key}")
+        return OPTConfig.from_dict(base, source=key), key
+    known = sorted({p.stem for p in folder.glob("opt-*.json")} | {k for k in shapes if not k.startswith("_")},
+                   key=lambda k: float(k[4:-1]) * (1000 if k.endswith("b") else 1))
+    raise ConfigError(f"{source}: not a checkpoint folder, a config.json or a known size ({', '.join(known)})")
+
+
+# -- the plan -------------------------------------------------------------------------------------------------
+@dataclass
+class MemoryPlan:
+    """Where an OPT model's weights, KV cache and activations go, computed before any weight is read.
+
+    Byte counts are per device name ("0", "cpu", "disk"); `limits` are the `max_memory` the plan was made for.
+    """
+
+    label: str
+    quantization: str  # "nf4", "int8", ... or "16-bit"
+    dtype: torch.dtype
+    context: int
+    batch: int
+    device_map: DeviceMap
+    limits: dict[str, int]  # in placement order: GPUs first, then "cpu"
+    weight_bytes: dict[str, int] = field(default_factory=dict)
+    kv_cache_bytes: dict[str, int] = field(default_factory=dict)  # disk layers' caches live on the main device
+    activation_bytes: int = 0  # on each device that runs layers
+    parameters: int = 0
+
+    @property
+    def main_device(self) -> str:
+        return next(iter(self.limits))
+
+    def used_bytes(self, device: str) -> int:
+        runs = device != "disk" and (device in self.kv_cache_bytes or device in self.weight_bytes)
+        return self.weight_bytes.get(device, 0) + self.kv_cache_bytes.get(device, 0) + \
+            (self.activation_bytes if runs else 0)
+
+    @property
+    def fits(self) -> bool:
+        """Whole model, KV cache and activations on the first (fastest) device of `max_memory`."""
+        main = self.main_device
+        return set(map(str, self.device_map.values())) == {main} and self.used_bytes(main) <= self.limits[main]
+
+    def format(self) -> str:
+        count = f"{self.parameters / 1e9:.2f}B" if self.parameters >= 1e9 else f"{self.parameters / 1e6:.1f}M"
+        lines = [f"{self.label}: {count} parameters, {self.quantization} "
+                 f"(other tensors {str(self.dtype).removeprefix('torch.')}), context {self.context}, "
+                 f"batch {self.batch}",
+                 f"weights {format_bytes(sum(self.weight_bytes.values()))}, "
+                 f"KV cache {format_bytes(sum(self.kv_cache_bytes.values()))}, "
+                 f"activations {format_bytes(self.activation_bytes)} per device (estimate)",
+                 f"{'device':8s} {'limit':>12s} {'weights':>12s} {'KV cache':>12s} {'activations':>12s} "
+                 f"{'total':>12s}"]
+        for dev in [*self.limits, "disk"]:
+            if dev in self.weight_bytes or dev in self.kv_cache_bytes:
+                act = self.activation_bytes if dev != "disk" else 0
+                limit = format_bytes(self.limits[dev]) if dev in self.limits else "-"
+                lines.append(f"{dev:8s} {limit:>12s} {format_bytes(self.weight_bytes.get(dev, 0)):>12s} "
+                             f"{format_bytes(self.kv_cache_bytes.get(dev, 0)):>12s} {format_bytes(act):>12s} "
+                             f"{format_bytes(self.used_bytes(dev)):>12s}")
+        lines.append("device map: " + "; ".join(summarize(self.device_map)))
+        main = self.main_device
+        name = f"GPU {main}" if main.isdigit() else main
+        lines.append(f"fits on {name} ({format_bytes(self.limits[main])}): {'yes' if self.fits else 'no'}")
+        over = [dev for dev, limit in self.limits.items() if self.used_bytes(dev) > limit]
+        if over:
+            lines.append(f"over the limit: {', '.join(over)} (with the KV cache and activations of the layers "
+                         f"that run there, disk layers included)")
+        if any(d == "disk" and not is_decoder_layer(n) for n, d in self.device_map.items()):
+            lines.append("cannot load: only decoder layers can be offloaded to disk; give the CPU more memory")
+        return "\n".join(lines)
+
+
+def plan(source: OPTConfig | str | os.PathLike, bits: int = 4, max_memory: dict[Any, Any] | None = None,
+         context: int = 2048, batch: int = 1, *, quant_type: str = "nf4", double_quant: bool = False,
+         dtype: torch.dtype = torch.bfloat16, strategy: str = "auto") -> MemoryPlan:
+    """The memory plan for a model (config, folder or size name) at a bit width, before any weight is read."""
+    config, label = config_for(source)
+    if bits not in (4, 8, 16):
+        raise ValueError(f"bits must be 4, 8 or 16, got {bits}")
+    if context < 1 or batch < 1:
+        raise ValueError(f"context and batch must be positive, got {context} and {batch}")
+    quant = None if bits == 16 else QuantizationConfig(
+        load_in_8bit=bits == 8, load_in_4bit=bits == 4, bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=dtype)
+    model = meta_model(config, quant)
+    kv_layer = kv_cache_bytes_per_layer(config, context, batch, dtype)
+    act = activation_bytes(config, context, batch, dtype)
+    memory = normalize_max_memory(max_memory)
+    device_map = infer_device_map(model, dtype, strategy, memory, kv_layer, act)
+    result = MemoryPlan(label, quant.name if quant else "16-bit", dtype, context, batch, device_map,
+                        {str(k): v for k, v in memory.items()}, activation_bytes=act,
+                        parameters=_parameter_count(model))
+    sizes = compute_module_sizes(sizing_view(model, dtype), dtype=dtype)
+    main = str(next(iter(memory)))
+    for name, device in device_map.items():
+        dev = str(device)
+        result.weight_bytes[dev] = result.weight_bytes.get(dev, 0) + sizes[name]
+        layers = sum(1 for n in sizes if is_decoder_layer(n) and (n == name or n.startswith(name + ".") or not name))
+        kv_dev = main if dev == "disk" else dev
+        if layers:
+            result.kv_cache_bytes[kv_dev] = result.kv_cache_bytes.get(kv_dev, 0) + layers * kv_layer
+    return result
+
+
+def _parameter_count(model: nn.Module) -> int:
+    """Weights as numbers (4-bit placeholders count their logical shape)."""
+    total = 0
+    for module in model.modules():
+        if is_quantized(module):
+            total += module.out_features * module.in_features + (module.out_features if module.bias is not None
+                                                                  else 0)
+        else:
+            total += sum(p.numel() for p in module.parameters(recurse=False))
+    return total - (model.lm_head.weight.numel() if model.config.tie_word_embeddings else 0)

@@ -1,0 +1,107 @@
+"""What a model occupies before any weight exists: quantized sizes, the sizing view accelerate plans on, the
+KV cache and activation estimates, and the meta-device model itself.
+
+The loader and `plan()` place the same sizing view: a meta copy of the model in which every quantized Linear
+is a placeholder holding exactly its quantized bytes (weight plus statistics), so accelerate sees the real
+sizes without a weight being read.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import compute_module_sizes
+from torch import nn
+
+from ..model.config import OPTConfig
+from ..model.network import OPTDecoderLayer, OPTForCausalLM
+from ..quant.config import QuantizationConfig
+from ..quant.formats import quantized_weight_bytes
+from ..quant.modules import bits_of, is_quantized, swap_linears_on_meta
+
+NO_SPLIT = [OPTDecoderLayer.__name__]  # accelerate never splits a decoder layer across devices
+DeviceMap = dict[str, "int | str"]  # module name -> GPU index, "cpu" or "disk"
+
+
+# -- sizes ----------------------------------------------------------------------------------------------------
+def _module_bytes(module: nn.Module, dtype: torch.dtype) -> int:
+    """A quantized Linear's bytes: weight and statistics, plus its bias (4-bit biases live in the compute dtype)."""
+    bits = bits_of(module)
+    double = bits == 4 and bool(module.weight.compress_statistics)
+    size = quantized_weight_bytes(module.out_features, module.in_features, bits, double)
+    if module.bias is not None:
+        bias_dtype = getattr(module, "compute_dtype", None) or dtype
+        size += module.out_features * torch.empty(0, dtype=bias_dtype).element_size()
+    return size
+
+
+class _Bytes(nn.Module):
+    """Stands for a quantized layer (or a KV cache) in the sizing view: one meta tensor of its exact byte size."""
+
+    def __init__(self, nbytes: int) -> None:
+        super().__init__()
+        self.register_buffer("nbytes", torch.empty(nbytes, dtype=torch.uint8, device="meta"))
+
+
+def sizing_view(model: nn.Module, dtype: torch.dtype, kv_bytes_per_layer: int = 0) -> nn.Module:
+    """A meta copy of `model` whose quantized Linears (and KV caches) are exact-size placeholders."""
+    stand_ins = {id(m): _Bytes(_module_bytes(m, dtype)) for m in model.modules() if is_quantized(m)}
+    view = copy.deepcopy(model, memo=stand_ins)  # deepcopy takes what the memo already holds for those ids
+    if kv_bytes_per_layer:
+        for module in view.modules():
+            if isinstance(module, OPTDecoderLayer):
+                module.add_module("kv_cache", _Bytes(kv_bytes_per_layer))
+    return view
+
+
+def format_bytes(n: int | float) -> str:
+    """1536 -> "1.5 KiB": sizes in messages, in the unit that keeps them readable."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def placed_bytes(model: nn.Module, dtype: torch.dtype, device_map: DeviceMap, device: int | str) -> int:
+    """Bytes of the weights `device_map` puts on `device` (quantized sizes), e.g. what disk offload will write."""
+
+    names = [name for name, placed in device_map.items() if placed == device]
+    if not names:
+        return 0
+    sizes = compute_module_sizes(sizing_view(model, dtype), dtype=dtype)
+    return sum(sizes[name] for name in names)
+
+
+def kv_cache_bytes_per_layer(config: OPTConfig, context: int, batch: int, dtype: torch.dtype) -> int:
+    """Keys and values of one decoder layer for `batch` sequences of `context` tokens."""
+    return 2 * batch * context * config.hidden_size * torch.empty(0, dtype=dtype).element_size()
+
+
+def activation_bytes(config: OPTConfig, context: int, batch: int, dtype: torch.dtype) -> int:
+    """Peak working memory of one prefill of batch x context tokens (an estimate, not a measurement).
+
+    The larger of the attention stage (residual, normed input, q, k, v, output: 6 hidden-sized tensors, plus the
+    batch x heads x context^2 score matrix of a non-fused attention kernel) and the MLP stage (residual and
+    normed input, fc1's output and its activation), plus fp32 logits for the last position.
+    """
+    size = torch.empty(0, dtype=dtype).element_size()
+    tokens = batch * context
+    attention = 6 * tokens * config.hidden_size * size + batch * config.num_attention_heads * context ** 2 * size
+    mlp = 2 * tokens * config.hidden_size * size + 2 * tokens * config.ffn_dim * size
+    return max(attention, mlp) + batch * config.vocab_size * 4
+
+
+def meta_model(config: OPTConfig, quantization: QuantizationConfig | None, model_class: type | None = None
+               ) -> nn.Module:
+    """The model (default: the causal LM) on the meta device, tied, with each quantized Linear already its
+    empty bitsandbytes module: what `qopt.load` fills and what `plan` measures."""
+    with init_empty_weights(include_buffers=False):
+        model = (model_class or OPTForCausalLM)(config)
+    model.tie_weights()  # init_empty_weights re-creates each assigned parameter, which unties the head
+    if quantization is not None:
+        swap_linears_on_meta(model, quantization)
+    return model
+
+

@@ -1,0 +1,142 @@
+"""`QuantizationConfig`: transformers' `BitsAndBytesConfig` fields, the presets, and which module gets which width."""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from ..utils import DTYPES
+from .formats import BLOCKSIZE
+
+HEADS = ("lm_head", "score", "qa_outputs")  # output heads stay 16-bit, as transformers keeps them
+_PRESETS = {"int8": {"load_in_8bit": True},
+            "nf4": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+            "fp4": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
+            "nf4-dq": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
+            "fp4-dq": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": True}}
+_MODULE_BITS = "qopt_module_bits"  # per-module widths of a mixed 4/8-bit model (qopt-only: transformers has one width)
+
+
+@dataclass
+class QuantizationConfig:
+    """transformers' `BitsAndBytesConfig` fields; `to_dict()` is the `quantization_config` of config.json."""
+
+    load_in_8bit: bool = False
+    load_in_4bit: bool = False
+    llm_int8_threshold: float = 6.0
+    llm_int8_skip_modules: list[str] | None = None  # None: only the output heads stay 16-bit
+    llm_int8_enable_fp32_cpu_offload: bool = False  # kept for round trips; qopt offloads quantized layers as is
+    llm_int8_has_fp16_weight: bool = False
+    bnb_4bit_quant_type: str = "nf4"
+    bnb_4bit_use_double_quant: bool = False
+    bnb_4bit_compute_dtype: torch.dtype = torch.bfloat16
+    bnb_4bit_quant_storage: torch.dtype = torch.uint8
+    module_bits: dict[str, int] = field(default_factory=dict)  # full module name -> 4 | 8 | 16
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)  # other keys found in config.json
+
+    def __post_init__(self) -> None:
+        for name in ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                if value.removeprefix("torch.") not in DTYPES:
+                    raise ConfigError(f"quantization_config: field '{name}' is {value!r}, expected one of "
+                                      f"{sorted(DTYPES)}")
+                setattr(self, name, DTYPES[value.removeprefix("torch.")])
+        if self.load_in_4bit == self.load_in_8bit:
+            raise ConfigError("quantization_config: set exactly one of 'load_in_4bit' and 'load_in_8bit'")
+        if self.bnb_4bit_quant_type not in ("nf4", "fp4"):
+            raise ConfigError(f"quantization_config: field 'bnb_4bit_quant_type' must be 'nf4' or 'fp4', "
+                              f"got {self.bnb_4bit_quant_type!r}")
+        if self.llm_int8_has_fp16_weight:
+            raise ConfigError("quantization_config: 'llm_int8_has_fp16_weight' (int8 training with float master "
+                              "weights) is not supported; train LoRA adapters on the frozen int8 weights instead")
+        bad = {n: b for n, b in self.module_bits.items() if b not in (4, 8, 16)}
+        if bad:
+            raise ConfigError(f"quantization_config: field '{_MODULE_BITS}' maps modules to 4, 8 or 16, got {bad}")
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.load_in_8bit else 4
+
+    @property
+    def blocksize(self) -> int:
+        return BLOCKSIZE
+
+    @property
+    def name(self) -> str:
+        """The preset name ("int8", "nf4-dq", ...) for summaries."""
+        if self.load_in_8bit:
+            return "int8"
+        return self.bnb_4bit_quant_type + ("-dq" if self.bnb_4bit_use_double_quant else "")
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "QuantizationConfig":
+        """"int8" | "nf4" | "fp4" | "nf4-dq" | "fp4-dq" (dq = double quantization of the absmax)."""
+        key = str(name).lower()
+        if key not in _PRESETS:
+            raise ConfigError(f"quantization {name!r}: expected one of {', '.join(_PRESETS)}")
+        return cls(**{**_PRESETS[key], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {"quant_method": "bitsandbytes", "_load_in_8bit": self.load_in_8bit,
+                "_load_in_4bit": self.load_in_4bit, "llm_int8_threshold": self.llm_int8_threshold,
+                "llm_int8_skip_modules": self.llm_int8_skip_modules,
+                "llm_int8_enable_fp32_cpu_offload": self.llm_int8_enable_fp32_cpu_offload,
+                "llm_int8_has_fp16_weight": self.llm_int8_has_fp16_weight,
+                "bnb_4bit_quant_type": self.bnb_4bit_quant_type,
+                "bnb_4bit_use_double_quant": self.bnb_4bit_use_double_quant,
+                "bnb_4bit_compute_dtype": str(self.bnb_4bit_compute_dtype).removeprefix("torch."),
+                "bnb_4bit_quant_storage": str(self.bnb_4bit_quant_storage).removeprefix("torch."),
+                "load_in_4bit": self.load_in_4bit, "load_in_8bit": self.load_in_8bit}
+        if self.module_bits:
+            data[_MODULE_BITS] = dict(self.module_bits)
+        data.update({k: v for k, v in self.extra.items() if k not in data})
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "quantization_config") -> "QuantizationConfig":
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        method = data.get("quant_method", "bitsandbytes")
+        if method != "bitsandbytes":
+            raise ConfigError(f"{source}: field 'quant_method' is {method!r}; qopt reads only 'bitsandbytes'")
+        names = {f for f in cls.__dataclass_fields__ if f not in ("module_bits", "extra")}
+        kwargs = {k.lstrip("_"): v for k, v in data.items() if k.lstrip("_") in names}
+        extra = {k: v for k, v in data.items()
+                 if k.lstrip("_") not in names and k not in ("quant_method", _MODULE_BITS)}
+        try:
+            return cls(**kwargs, module_bits=dict(data.get(_MODULE_BITS) or {}), extra=extra)
+        except ConfigError as err:
+            raise ConfigError(str(err).replace("quantization_config", source, 1)) from None
+
+    @classmethod
+    def coerce(cls, value: "str | Mapping[str, Any] | QuantizationConfig | Any") -> "QuantizationConfig":
+        """A preset name, a dict, our config, or any object with BitsAndBytesConfig's `to_dict()`."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            return cls.from_name(value)
+        if hasattr(value, "to_dict"):
+            value = value.to_dict()
+        return cls.from_dict(value)
+
+    def bits_for(self, name: str) -> int:
+        """4, 8 or 16 for the Linear module called `name` (a full module name)."""
+        if _matches(name, HEADS) or _matches(name, self.llm_int8_skip_modules or ()):
+            return 16
+        short = name.removeprefix("model.")
+        for key, bits in self.module_bits.items():
+            if key.removeprefix("model.") == short:
+                return bits
+        return self.bits
+
+
+def _matches(name: str, patterns: tuple[str, ...] | list[str]) -> bool:
+    """transformers' rule: a pattern matches from the start up to a module boundary (also as a regex), or as a
+    suffix ("fc1" matches "model.decoder.layers.3.fc1")."""
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    return any(name.endswith(p) or re.match(rf"(?:{p}){boundary}", name) for p in patterns)
