@@ -31,8 +31,8 @@ def rss(field):
     for line in open('/proc/self/status'):
         if line.startswith(field):
             return int(line.split()[1]) * 1024
-from qopt.calibration import CalibrationConfig, calibrate
-from qopt.quantization import QuantizationConfig
+from qopt.calibration.layerwise import CalibrationConfig, calibrate
+from qopt.quant.config import QuantizationConfig
 args = json.loads(sys.argv[1])
 torch.set_num_threads(args['threads'])
 windows = torch.randint(3, 50000, (args['windows'], args['seqlen']), generator=torch.Generator().manual_seed(0))

@@ -35,7 +35,7 @@ if threads:
     torch.set_num_threads(threads)
 if which == "qopt":
     import qopt
-    from qopt.quantization import quantized_state
+    from qopt.quant.modules import quantized_state
     base = rss("VmRSS"); start = time.perf_counter()
     model = qopt.load(folder, quantization="nf4", torch_dtype=torch.bfloat16, progress=False)
 else:
