@@ -76,7 +76,7 @@ def test_same_tensors_and_logits_as_transformers_loading_the_same_checkpoint(fp1
 def test_float32_model_with_bf16_compute_matches_transformers(fp16_checkpoint):
     peer = peer_load(fp16_checkpoint, quantization_config=bnb_config("nf4"), dtype=torch.float32)
     ours = qopt.OPTForCausalLM.from_pretrained(fp16_checkpoint, quantization_config=bnb_config("nf4"),
-                                               progress=False)
+                                               torch_dtype=torch.float32, progress=False)
     assert ours.dtype == torch.float32
     assert torch.equal(logits(ours), logits(peer))
 

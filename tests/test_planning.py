@@ -67,10 +67,15 @@ def test_cli_plan_states_the_verdict_and_the_map(capsys):
     assert cli.main(["plan", "opt-30b", "--bits", "4", "--gpu", "24GiB", "--cpu", "64GiB", "--context", "2048",
                      "--batch", "1"]) == 0
     out = capsys.readouterr().out
-    assert "fits on GPU 0 (24.00 GiB): yes" in out and "0: everything" in out
+    assert "verdict: fits: GPU 0\n" in out and "0: everything" in out
+    assert "load with: --device-map auto --max-memory 0=24.00GiB cpu=64.00GiB" in out
     assert cli.main(["plan", "opt-30b", "--bits", "8", "--gpu", "24GiB", "--cpu", "64GiB"]) == 0
     out = capsys.readouterr().out
-    assert "fits on GPU 0 (24.00 GiB): no" in out and "cpu: layers" in out
+    assert "verdict: fits: GPU 0 + CPU" in out and "cpu: layers" in out
+    assert cli.main(["plan", "opt-30b", "--bits", "4", "--gpu", "12GiB", "--gpu", "12GiB", "--cpu", "0"]) == 0
+    assert "verdict: fits: GPUs 0-1\n" in capsys.readouterr().out  # no "fits on GPU 0: no" for a 2-GPU fit
+    assert cli.main(["plan", "opt-66b", "--gpu", "24GiB", "--cpu", "0"]) == 1  # cannot load: exit 1
+    assert "verdict: cannot load: GPU 0 needs" in capsys.readouterr().out
     assert cli.main(["plan", "opt-7b"]) == 2
     assert "known size" in capsys.readouterr().err
 

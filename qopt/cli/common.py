@@ -1,7 +1,37 @@
-"""What several commands share: the MODEL argument and its default."""
+"""What several commands share: the MODEL argument, the precision, placement and output flags, and one
+vocabulary of flag names across commands (older spellings stay as aliases).
+
+Torch-free at import: `qopt --help` builds every parser, and importing torch alone takes about a second.
+"""
 from __future__ import annotations
 
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from ..quant.presets import PRESETS
+
 DEFAULT_MODEL_HELP = "checkpoint folder (default: the bundled model)"
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential", "cpu", "cuda", "cuda:N")
+DTYPE_NAMES = ("auto", "bfloat16", "float16", "float32")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default after its help (flags without a meaningful default say nothing)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, argparse.SUPPRESS) or not action.help:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def add_parser(sub: argparse._SubParsersAction, name: str, help: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """A subcommand parser with defaults in its help and `-v` accepted after the command too."""
+    parser = sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter, **kwargs)
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks and library logs")
+    return parser
 
 
 def model_path(path: str | None) -> str:
@@ -9,3 +39,106 @@ def model_path(path: str | None) -> str:
     from ..bundled import bundled_model_dir
 
     return path if path else str(bundled_model_dir())
+
+
+# -- precision ------------------------------------------------------------------------------------------------
+def add_precision(parser: argparse.ArgumentParser, bits: tuple[int, ...], bits_help: str) -> None:
+    """--bits / --quant-type / --double-quant, or one --quantization preset name instead."""
+    g = parser.add_argument_group("precision")
+    g.add_argument("--bits", type=int, choices=bits, help=bits_help)
+    g.add_argument("--quant-type", choices=("nf4", "fp4"), help="4-bit format (default nf4)")
+    g.add_argument("--double-quant", action="store_true", help="4-bit: quantize the absmax statistics too")
+    g.add_argument("--quantization", choices=tuple(PRESETS), metavar="PRESET",
+                   help=f"a preset instead of the three flags above: {', '.join(PRESETS)}")
+
+
+def preset(args: argparse.Namespace) -> str | None:
+    """The quantization preset the precision flags spell ("nf4-dq", "int8", ...); None for 16/32 bits or none."""
+    if args.quantization:
+        if args.bits or args.quant_type or args.double_quant:
+            raise ValueError("--quantization names a preset: drop --bits, --quant-type and --double-quant")
+        return args.quantization
+    if (args.quant_type or args.double_quant) and args.bits != 4:
+        raise ValueError("--quant-type and --double-quant apply to --bits 4")
+    if args.bits == 8:
+        return "int8"
+    if args.bits == 4:
+        return (args.quant_type or "nf4") + ("-dq" if args.double_quant else "")
+    return None
+
+
+# -- placement ------------------------------------------------------------------------------------------------
+def add_placement(parser: argparse.ArgumentParser, dtype: bool = True, dtype_default: str = "auto") -> None:
+    g = parser.add_argument_group("placement (as in transformers' from_pretrained)")
+    g.add_argument("--device-map", metavar="MAP",
+                   help=f"{' | '.join(DEVICE_MAPS)}; default: auto on a machine with a GPU (GPU first, then CPU, "
+                        "then --offload-folder), else cpu")
+    g.add_argument("--max-memory", nargs="+", metavar="DEV=SIZE",
+                   help="memory each device may hold for an auto / balanced / sequential map, e.g. 0=20GiB "
+                        "cpu=30GiB (default: what each device has free)")
+    g.add_argument("--offload-folder", metavar="DIR", help="folder for the decoder layers that fit nowhere else")
+    if not dtype:  # the command picks the dtype itself (eval: each precision's)
+        parser.set_defaults(dtype="auto")
+        return
+    g.add_argument("--dtype", metavar="DTYPE", default=dtype_default,
+                   help=f"dtype of the weights left unquantized: {', '.join(DTYPE_NAMES)} (auto: the checkpoint's; "
+                        "float16 becomes bfloat16 for quantized models computing on a CPU)")
+
+
+def parse_max_memory(items: list[str] | None) -> dict[int | str, int] | None:
+    """["0=20GiB", "cpu=30GiB"] -> {0: bytes, "cpu": bytes}."""
+    if not items:
+        return None
+    from ..utils import parse_size
+
+    memory: dict[int | str, int] = {}
+    for item in items:
+        device, sep, size = item.partition("=")
+        if not sep or not device or not size:
+            raise ValueError(f"--max-memory {item!r}: expected DEVICE=SIZE, e.g. 0=20GiB or cpu=30GiB")
+        device = device.strip().lower().removeprefix("cuda:")
+        key: int | str = int(device) if device.isdigit() else device
+        if not isinstance(key, int) and key not in ("cpu", "disk"):
+            raise ValueError(f"--max-memory {item!r}: the device is a GPU index (0, 1, ...), cpu or disk")
+        try:
+            memory[key] = parse_size(size)
+        except ValueError as err:
+            raise ValueError(f"--max-memory {item!r}: {err}") from None
+    return memory
+
+
+def placement(args: argparse.Namespace) -> dict[str, Any]:
+    """`qopt.load` keyword arguments from the placement flags: the GPU by default where there is one."""
+    import torch
+
+    device_map = args.device_map
+    if device_map is None:
+        device_map = "auto" if torch.cuda.is_available() else None
+    elif device_map not in DEVICE_MAPS[:4] and device_map not in ("cpu", "cuda") \
+            and not (device_map.startswith("cuda:") and device_map[5:].isdigit()):
+        raise ValueError(f"--device-map {device_map!r}: expected one of {', '.join(DEVICE_MAPS)}")
+    memory = parse_max_memory(args.max_memory)
+    single_device = device_map in (None, "cpu", "cuda") or str(device_map).startswith("cuda:")
+    if memory is not None and single_device:
+        raise ValueError("--max-memory plans an auto / balanced / sequential --device-map; a single device takes "
+                         "no memory limits")
+    if args.dtype not in DTYPE_NAMES:
+        raise ValueError(f"--dtype {args.dtype!r}: expected one of {', '.join(DTYPE_NAMES)}")
+    return {"device_map": device_map, "max_memory": memory, "offload_folder": args.offload_folder,
+            "torch_dtype": args.dtype}
+
+
+# -- outputs --------------------------------------------------------------------------------------------------
+def add_output(parser: argparse.ArgumentParser, help: str, required: bool = True) -> None:
+    parser.add_argument("-o", "--output", "--out", dest="output", required=required, metavar="DIR", help=help)
+
+
+def writable_file(path: str | None, flag: str) -> None:
+    """Refuse an output file whose folder does not exist (or is not writable) before any work starts."""
+    if path is None:
+        return
+    parent = Path(path).expanduser().resolve().parent
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"{flag} {path}: folder {parent} is not writable")

@@ -3,27 +3,35 @@ from __future__ import annotations
 
 import argparse
 
-from .common import DEFAULT_MODEL_HELP, model_path
+from .common import (DEFAULT_MODEL_HELP, add_output, add_parser, add_placement, add_precision, model_path, placement,
+                     preset)
+
+
+# library argument -> this command's flag, in error messages
+API_FLAGS = {"resume=False": "--no-resume", "max_steps": "--steps", "block_size": "--block-size",
+             "max_length": "--max-length"}
 
 
 def add(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("finetune", help="train a LoRA / QLoRA adapter on a text or JSONL file (PEFT format)")
+    p = add_parser(sub, "finetune", "train a LoRA / QLoRA adapter on a text or JSONL file (PEFT format)")
     p.add_argument("model", nargs="?", help=DEFAULT_MODEL_HELP)
-    p.add_argument("--data", required=True, help="training data: .txt, or .jsonl with 'text' (and 'label')")
-    p.add_argument("--output", required=True, help="folder for the adapter, its checkpoint and training log")
-    p.add_argument("--task", choices=("causal-lm", "seq-cls"), default="causal-lm")
-    p.add_argument("--eval-data", help="evaluation file (default: hold out --eval-fraction of --data)")
-    p.add_argument("--eval-fraction", type=float, default=0.1)
-    p.add_argument("--quantization", choices=("nf4", "fp4", "nf4-dq", "fp4-dq", "int8"),
-                   help="QLoRA: train on a quantized base (default: the base in --dtype)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="dtype of the unquantized weights")
+    p.add_argument("--data", required=True, metavar="FILE",
+                   help="training data: .txt, or .jsonl with 'text' (and 'label')")
+    add_output(p, "folder for the adapter, its checkpoint and training log")
+    p.add_argument("--task", choices=("causal-lm", "seq-cls"), default="causal-lm",
+                   help="causal-lm: next-token loss on packed blocks; seq-cls: a classifier head on 'label'")
+    p.add_argument("--eval-data", metavar="FILE", help="evaluation file (default: hold out --eval-fraction of --data)")
+    p.add_argument("--eval-fraction", type=float, default=0.1, help="share of --data held out for evaluation")
+    add_precision(p, (4, 8), "QLoRA: train on a 4-bit (--quant-type) or LLM.int8 base (default: unquantized)")
+    add_placement(p, dtype_default="float32")
     g = p.add_argument_group("LoRA")
-    g.add_argument("--r", type=int, default=8)
-    g.add_argument("--alpha", type=float, default=16)
-    g.add_argument("--dropout", type=float, default=0.05)
+    g.add_argument("--r", type=int, default=8, help="rank of the adapter matrices")
+    g.add_argument("--alpha", type=float, default=16, help="scale: the update is multiplied by alpha / r")
+    g.add_argument("--dropout", type=float, default=0.05, help="dropout on the adapter's input")
     g.add_argument("--target-modules", nargs="+", default=["q_proj", "v_proj"],
                    help="module names, or 'all-linear' for every Linear of the decoder layers")
-    g.add_argument("--bias", choices=("none", "all", "lora_only"), default="none")
+    g.add_argument("--bias", choices=("none", "all", "lora_only"), default="none",
+                   help="which biases train: none, all, or those of the adapted layers")
     g.add_argument("--modules-to-save", nargs="+", help="modules trained in full and saved (e.g. score)")
     g.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
     g.add_argument("--init", choices=("default", "gaussian"), default="default", help="LoRA A initialisation")
@@ -31,22 +39,25 @@ def add(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--steps", type=int, default=100, help="optimizer steps")
     t.add_argument("--batch-size", type=int, default=4, help="rows per process and micro-step")
     t.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
-    t.add_argument("--lr", type=float, default=2e-4)
-    t.add_argument("--scheduler", choices=("linear", "cosine", "constant"), default="linear")
+    t.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
+    t.add_argument("--scheduler", choices=("linear", "cosine", "constant"), default="linear",
+                   help="learning-rate decay after the warmup")
     t.add_argument("--warmup", type=int, default=0, help="warmup steps")
-    t.add_argument("--optimizer", choices=("adamw", "adamw8bit", "paged_adamw8bit"), default="adamw")
-    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--optimizer", choices=("adamw", "adamw8bit", "paged_adamw8bit"), default="adamw",
+                   help="AdamW with fp32 states, or bitsandbytes' 8-bit states (paged on a GPU)")
+    t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     t.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
     t.add_argument("--block-size", type=int, help="causal LM: tokens per packed block (default: min(256, context))")
     t.add_argument("--max-length", type=int, help="seq-cls: tokens kept per example (default: the context)")
     t.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (and at the end)")
     t.add_argument("--eval-steps", type=int, default=0, help="evaluate every N steps (and at start and end)")
     t.add_argument("--eval-batches", type=int, help="cap on evaluation batches")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="seeds data order, dropout and initialisation")
     t.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass")
-    t.add_argument("--no-gradient-checkpointing", action="store_true")
+    t.add_argument("--no-gradient-checkpointing", action="store_true",
+                   help="keep activations instead of recomputing them (faster, more memory)")
     t.add_argument("--no-resume", action="store_true", help="start over even if OUTPUT has a checkpoint")
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)
 
 
@@ -67,8 +78,8 @@ def run(args: argparse.Namespace) -> int:
         eval_batches=args.eval_batches, seed=args.seed, bf16=args.bf16, resume=not args.no_resume,
         progress=not args.no_progress)
     result = finetune(model_path(args.model), args.data, training, lora, task=args.task,
-                      eval_data=args.eval_data, eval_fraction=args.eval_fraction, quantization=args.quantization,
-                      torch_dtype=args.dtype, block_size=args.block_size, max_length=args.max_length,
+                      eval_data=args.eval_data, eval_fraction=args.eval_fraction, quantization=preset(args),
+                      block_size=args.block_size, max_length=args.max_length, **placement(args),
                       gradient_checkpointing=not args.no_gradient_checkpointing)
     if result.is_main_process:
         print(result.summary())

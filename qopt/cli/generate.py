@@ -3,25 +3,29 @@ from __future__ import annotations
 
 import argparse
 
-from .common import DEFAULT_MODEL_HELP, model_path
+from .common import DEFAULT_MODEL_HELP, add_parser, add_placement, add_precision, model_path, placement, preset
+
+
+API_FLAGS = {"max_new_tokens": "--max-new-tokens", "num_beams": "--num-beams"}  # library argument -> this flag
 
 
 def add(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="continue a prompt with the model (greedy unless told to sample)")
+    p = add_parser(sub, "generate", "continue a prompt with the model (greedy unless told to sample)")
     p.add_argument("words", nargs="+", metavar="[MODEL] PROMPT",
-                   help=f"the prompt, after an optional {DEFAULT_MODEL_HELP}")
-    p.add_argument("--bits", type=int, choices=(4, 8, 16),
-                   help="4 = --quant-type, 8 = LLM.int8, 16 = bf16 (default: as saved, float in bf16)")
-    p.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4", help="4-bit format (default nf4)")
-    p.add_argument("--max-new-tokens", type=int, default=50)
-    p.add_argument("--do-sample", action="store_true", help="sample (implied by --temperature / --top-p)")
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-k", type=int, help="sampling: keep the k likeliest tokens (default 50; 0 = all)")
-    p.add_argument("--top-p", type=float, help="sampling: keep the smallest set with this probability mass")
-    p.add_argument("--num-beams", type=int, default=1)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, help="makes sampling reproducible")
-    p.add_argument("--stream", action="store_true", help="print the text as it is generated")
+                   help=f"the prompt, after an optional MODEL ({DEFAULT_MODEL_HELP})")
+    p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter folder (PEFT format) to apply to the model")
+    add_precision(p, (4, 8, 16), "4 = --quant-type, 8 = LLM.int8, 16 = unquantized (default: as saved)")
+    add_placement(p)
+    g = p.add_argument_group("decoding")
+    g.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate")
+    g.add_argument("--do-sample", action="store_true", help="sample (implied by --temperature / --top-p)")
+    g.add_argument("--temperature", type=float, help="sampling: divide the logits by this (default 1.0)")
+    g.add_argument("--top-k", type=int, help="sampling: keep the k likeliest tokens (default 50; 0 = all)")
+    g.add_argument("--top-p", type=float, help="sampling: keep the smallest set with this probability mass")
+    g.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="divide repeated tokens' scores by this")
+    g.add_argument("--seed", type=int, help="makes sampling reproducible")
+    g.add_argument("--stream", action="store_true", help="print the text as it is generated")
     p.set_defaults(handler=run)
 
 
@@ -34,16 +38,23 @@ def run(args: argparse.Namespace) -> int:
     if len(args.words) > 2:
         raise ValueError(f"expected [MODEL] PROMPT, got {len(args.words)} arguments; quote the prompt")
     path = model_path(args.words[0] if len(args.words) == 2 else None)
-    quantization = {4: args.quant_type, 8: "int8", 16: None, None: None}[args.bits]
-    model = qopt.load(path, quantization=quantization, torch_dtype="bfloat16", progress=False)
+    quantization = preset(args)
+    model = qopt.load(path, quantization=quantization, progress=False, **placement(args))
+    if args.adapter:
+        qopt.load_adapter(model, args.adapter)
     tokenizer = tokenizer_for(path)
     options = {"top_k": args.top_k, "temperature": args.temperature, "top_p": args.top_p}
     sample = args.do_sample or args.temperature is not None or args.top_p is not None
     prompt = args.words[-1]
     print(prompt, end="", flush=True)
-    texts = generate_text(model, tokenizer, prompt, on_text=(lambda t: print(t, end="", flush=True)) if args.stream
-                          else None, max_new_tokens=args.max_new_tokens, do_sample=sample, num_beams=args.num_beams,
-                          repetition_penalty=args.repetition_penalty, seed=args.seed,
-                          **{k: v for k, v in options.items() if v is not None})
+    try:
+        texts = generate_text(model, tokenizer, prompt,
+                              on_text=(lambda t: print(t, end="", flush=True)) if args.stream else None,
+                              max_new_tokens=args.max_new_tokens, do_sample=sample, num_beams=args.num_beams,
+                              repetition_penalty=args.repetition_penalty, seed=args.seed,
+                              **{k: v for k, v in options.items() if v is not None})
+    except BaseException:
+        print(flush=True)  # an error message starts on its own line, not after the echoed prompt
+        raise
     print("" if args.stream else texts[0])
     return 0

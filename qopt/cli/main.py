@@ -1,8 +1,9 @@
 """The `qopt` command: argument parsing and one-line errors only; the work lives in the library.
 
 Each subcommand is a module here with `add(subparsers)`, which declares its arguments and sets `handler`;
-`COMMANDS` lists them once, in the order `qopt --help` shows them. `main` prints any `QoptError` (or
-bad-argument `ValueError`) as one line and exits 2.
+`COMMANDS` lists them once, in the order `qopt --help` shows them. Every expected failure (a `QoptError`, a bad
+argument, a missing or unwritable file, a device that does not exist) prints as one line and exits 2; a closed
+pipe (`qopt ... | head`) ends quietly.
 """
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from .. import __version__
 from ..errors import QoptError
@@ -30,19 +33,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cli_words(message: str, handler: Callable[..., Any]) -> str:
+    """The library names its Python arguments (`max_windows`, `resume=False`); a command-line user needs the
+    flag. Each command module maps them in `API_FLAGS`."""
+    for name, flag in getattr(sys.modules[handler.__module__], "API_FLAGS", {}).items():
+        message = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w=])", flag, message)
+    return message
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    verbose = getattr(args, "verbose", False)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         return int(args.handler(args) or 0)
-    except (QoptError, ValueError, FileNotFoundError) as err:
-        if args.verbose:
+    except BrokenPipeError:  # the reader went away (`| head`): nothing more to say to anyone
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except (QoptError, ValueError, OSError) as err:
+        if verbose:
             raise
-        print(f"qopt {args.command}: error: {err}", file=sys.stderr)
+        message = str(err) if not isinstance(err, OSError) or not err.filename else \
+            f"{err.filename}: {err.strerror or err}"
+        print(f"qopt {args.command}: error: {cli_words(message, args.handler)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"qopt {args.command}: interrupted", file=sys.stderr)
+        print(f"\nqopt {args.command}: interrupted", file=sys.stderr)
         return 130
-
-

@@ -3,30 +3,37 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_parser
+
 
 def add(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("plan", help="memory plan (weights per device, KV cache, activations, device map) from a "
-                                    "config alone, before any weight is read")
+    p = add_parser(sub, "plan", "memory plan (weights per device, KV cache, activations, device map) from a "
+                                "config alone, before any weight is read; exit 1 if the model cannot load")
     p.add_argument("model", help="config.json, checkpoint folder, or a size name such as opt-30b")
-    p.add_argument("--bits", type=int, choices=(4, 8, 16), default=4)
+    p.add_argument("--bits", type=int, choices=(4, 8, 16), default=4, help="weight width of the linear layers")
     p.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4", help="4-bit format")
     p.add_argument("--double-quant", action="store_true", help="4-bit: quantize the absmax statistics too")
     p.add_argument("--gpu", action="append", metavar="SIZE",
-                   help="memory of a GPU, e.g. 24GiB (repeat for GPUs 1, 2, ...)")
-    p.add_argument("--cpu", metavar="SIZE", help="CPU memory for weights, e.g. 64GiB")
+                   help="memory of a GPU, e.g. 24GiB or 24GB (repeat for GPUs 1, 2, ...)")
+    p.add_argument("--cpu", metavar="SIZE",
+                   help="CPU memory for weights, e.g. 64GiB; 0 for none (default: what this machine has free)")
     p.add_argument("--context", type=int, default=2048, help="tokens per sequence held in the KV cache")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded at once")
-    p.add_argument("--strategy", choices=("auto", "balanced", "balanced_low_0", "sequential"), default="auto")
+    p.add_argument("--strategy", choices=("auto", "balanced", "balanced_low_0", "sequential"), default="auto",
+                   help="how layers spread over the GPUs (accelerate's device-map strategies)")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..place.device_map import normalize_max_memory
     from ..place.plan import plan
 
-    memory: dict | None = {i: size for i, size in enumerate(args.gpu or [])}
-    if args.cpu:
+    memory: dict[int | str, str | int] = {i: size for i, size in enumerate(args.gpu or [])}
+    if args.cpu is not None:
         memory["cpu"] = args.cpu
+    elif memory:  # GPUs given without --cpu: this machine's free RAM, as a load here would have
+        memory["cpu"] = normalize_max_memory(None).get("cpu", 0)
     result = plan(args.model, args.bits, memory or None, args.context, args.batch, quant_type=args.quant_type,
                   double_quant=args.double_quant, strategy=args.strategy)
     print(result.format())
-    return 0
+    return 0 if result.loadable else 1

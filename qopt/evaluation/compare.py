@@ -18,26 +18,33 @@ from torch import nn
 
 from .. import __version__
 from ..calibration.layerwise import CalibrationConfig, calibrate
+from ..finetuning.adapters import load_adapter
 from ..loading.loader import load
 from ..model.config import OPTConfig
 from ..model.tokenizer import own_tokenizer
 from ..quant.config import QuantizationConfig
 from .footprint import weight_footprint
-from .perplexity import describe_windows, evaluate_ids, cut_windows, text_ids
-from .report import (DEFAULT_PRECISIONS, QUANTIZED_COMPUTE, UNQUANTIZED, ComparisonReport, PrecisionRow, reference_for,
-                     split_calibrated)
+from .perplexity import cut_windows, describe_windows, evaluate_ids, text_ids
+from .precisions import DEFAULT_PRECISIONS, QUANTIZED_COMPUTE, reference_for, split_calibrated
+from .report import UNQUANTIZED, ComparisonReport, PrecisionRow
 
 
-def load_precision(path: str | os.PathLike, precision: str) -> nn.Module:
-    """The model at `precision`; a calibrated one is calibrated here (its time counts as load time)."""
-    if precision in UNQUANTIZED:
-        return load(path, torch_dtype=UNQUANTIZED[precision], progress=False)
+def load_precision(path: str | os.PathLike, precision: str, placement: dict[str, Any] | None = None,
+                   adapter: str | os.PathLike | None = None) -> nn.Module:
+    """The model at `precision` (placed as `placement`, `qopt.load`'s device_map / max_memory / offload_folder
+    say), with `adapter` applied; a calibrated one is calibrated here (its time counts as load time)."""
+    placement = placement or {}
     preset, calibrated = split_calibrated(precision)
-    compute = UNQUANTIZED[QUANTIZED_COMPUTE]
-    if not calibrated:
-        return load(path, quantization=preset, torch_dtype=compute, progress=False)
-
-    model, _ = calibrate(path, None, CalibrationConfig(quantization=preset, dtype=compute), progress=False)
+    if precision in UNQUANTIZED:
+        model = load(path, torch_dtype=UNQUANTIZED[precision], progress=False, **placement)
+    elif not calibrated:
+        model = load(path, quantization=preset, torch_dtype=UNQUANTIZED[QUANTIZED_COMPUTE], progress=False,
+                     **placement)
+    else:
+        config = CalibrationConfig(quantization=preset, dtype=UNQUANTIZED[QUANTIZED_COMPUTE])
+        model, _ = calibrate(path, None, config, progress=False)
+    if adapter is not None:
+        load_adapter(model, adapter)
     return model
 
 
@@ -69,11 +76,13 @@ def _run_order(precisions: Sequence[str], reference: bool) -> list[str]:
 def compare_precisions(model_path: str | os.PathLike, precisions: Sequence[str] = DEFAULT_PRECISIONS,
                        seqlen: int | None = None, max_windows: int | None = None, stride: int | None = None,
                        tokenizer: Any = None, reference: bool = True, text: str | None = None,
-                       progress: bool = True) -> ComparisonReport:
+                       progress: bool = True, placement: dict[str, Any] | None = None,
+                       adapter: str | os.PathLike | None = None) -> ComparisonReport:
     """Load `model_path` at each precision and measure it; see the module docstring for what a row holds.
 
     With `reference`, every quantized precision is judged against bf16 (added if missing) and bf16 / fp16
     against fp32 when fp32 is in the list; a reference model stays loaded only while something still needs it.
+    `placement` (device_map, max_memory, offload_folder) and `adapter` apply to every precision alike.
     """
     order = _run_order(precisions, reference)
     stored = stored_precision(model_path)
@@ -96,7 +105,7 @@ def compare_precisions(model_path: str | os.PathLike, precisions: Sequence[str] 
                               environment=_environment())
     for i, precision in enumerate(order):
         began = time.perf_counter()
-        model = load_precision(model_path, precision)
+        model = load_precision(model_path, precision, placement, adapter)
         load_seconds = time.perf_counter() - began
         ref_name = refs_needed[precision]
         result = evaluate_ids(model, ids, seqlen, stride, max_windows, progress,

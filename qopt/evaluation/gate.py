@@ -7,6 +7,7 @@ import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from ..bundled import bundled_model_dir
 from .compare import compare_precisions
@@ -86,12 +87,13 @@ def baseline_model_path(baseline: ComparisonReport) -> str:
 
 
 def rerun_baseline(baseline: ComparisonReport, model_path: str | os.PathLike | None = None,
-                   progress: bool = True) -> ComparisonReport:
-    """The baseline's exact settings (precisions, seqlen, stride, window prefix, references) run again."""
+                   progress: bool = True, **options: Any) -> ComparisonReport:
+    """The baseline's exact settings (precisions, seqlen, stride, window prefix, references) run again;
+    `options` (placement, adapter) go to `compare_precisions`."""
     s = baseline.settings
     return compare_precisions(model_path or baseline_model_path(baseline), s["precisions"], s["seqlen"],
                               s.get("windows"), s.get("stride"), reference=s.get("reference", True),
-                              progress=progress)
+                              progress=progress, **options)
 
 
 def check_baseline(measured: ComparisonReport, baseline: ComparisonReport, tolerance: Tolerance | float

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,13 +16,9 @@ from typing import Any
 from ..bundled import bundled_model_dir
 from ..io.atomic import atomic_write_text
 from ..utils import FLOAT_DTYPES
+from .precisions import UNQUANTIZED_NAMES, split_calibrated
 
-UNQUANTIZED = {name: FLOAT_DTYPES[name] for name in ("fp32", "bf16", "fp16")}
-DEFAULT_PRECISIONS = ("fp32", "bf16", "int8", "nf4", "fp4", "nf4-dq")
-CALIBRATED = "-calibrated"  # suffix: the preset before it, rounded with GPTQ on calibration data
-# Quantized models compute in bf16 here (this CPU has fast bf16, no fast fp16), so a quantized precision's
-# gap is measured against the unquantized model in that same compute dtype: the gap is then quantization alone.
-QUANTIZED_COMPUTE = "bf16"
+UNQUANTIZED = {name: FLOAT_DTYPES[name] for name in UNQUANTIZED_NAMES}  # precision name -> dtype
 
 
 # -- the comparison ------------------------------------------------------------------------------------------
@@ -152,19 +147,3 @@ class ComparisonReport:
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         tmp.write_bytes(buffer.getvalue())
         os.replace(tmp, path)
-
-
-def reference_for(precision: str, precisions: Sequence[str]) -> str | None:
-    """Quantized -> bf16 (their compute dtype); bf16 / fp16 -> fp32 when fp32 is measured too."""
-    if precision not in UNQUANTIZED:
-        return QUANTIZED_COMPUTE
-    return "fp32" if precision != "fp32" and "fp32" in precisions else None
-
-
-def split_calibrated(precision: str) -> tuple[str, bool]:
-    """("nf4", True) for "nf4-calibrated"; (precision, False) for anything else."""
-    if precision.endswith(CALIBRATED):
-        return precision[: -len(CALIBRATED)], True
-    return precision, False
-
-

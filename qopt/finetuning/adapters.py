@@ -17,13 +17,10 @@ from torch import nn
 
 from ..errors import AdapterError
 from ..io.atomic import atomic_write_text, publish_folder, staging_folder
-from ..io.checkpoint import write_safetensors_shards
+from ..io.checkpoint import ADAPTER_BIN, ADAPTER_CONFIG, ADAPTER_WEIGHTS, write_safetensors_shards
 from .lora import (ALL_LINEAR, LoraConfig, ModulesToSave, adapter_biases, adapter_set, add_lora, bias_parameters,
                    delete_adapter, lora_layers, set_adapter_biases, task_type_of)
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_BIN = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
 PEFT_VERSION = "0.21.2"
 # PEFT 0.21.2 LoraConfig fields for features qopt does not implement: written at their defaults, and a file

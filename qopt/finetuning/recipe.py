@@ -50,6 +50,7 @@ TASKS = ("causal-lm", "seq-cls")
 def finetune(model_path: str | Path, data: str | Path, args: TrainingArguments, lora: LoraConfig | None = None,
              *, task: str = "causal-lm", eval_data: str | Path | None = None, eval_fraction: float = 0.1,
              quantization: str | None = None, torch_dtype: str | torch.dtype | None = None,
+             device_map: Any = None, max_memory: dict[Any, Any] | None = None, offload_folder: str | None = None,
              block_size: int | None = None, max_length: int | None = None, gradient_checkpointing: bool = True,
              adapter_dtype: torch.dtype = torch.float32,
              on_step: Callable[[int, float], None] | None = None) -> TrainResult:
@@ -57,6 +58,7 @@ def finetune(model_path: str | Path, data: str | Path, args: TrainingArguments, 
 
     Without `eval_data`, the last `eval_fraction` of the blocks (or examples) is held out for evaluation.
     `block_size` defaults to min(256, the model's context) and `max_length` to the model's context.
+    `torch_dtype`, `device_map`, `max_memory` and `offload_folder` place the base model as `qopt.load` does.
     """
     if task not in TASKS:
         raise ValueError(f"task {task!r}: expected one of {TASKS}")
@@ -85,7 +87,7 @@ def finetune(model_path: str | Path, data: str | Path, args: TrainingArguments, 
     if quantization:
         overrides["quantization"] = quantization
     model = load(model_path, model_class=model_class, torch_dtype=torch_dtype, progress=args.progress,
-                 **overrides)
+                 device_map=device_map, max_memory=max_memory, offload_folder=offload_folder, **overrides)
     if quantization:
         prepare_for_kbit_training(model, gradient_checkpointing)
     elif gradient_checkpointing:

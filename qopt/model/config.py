@@ -9,6 +9,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..io.atomic import atomic_write_text
+from ..io.checkpoint import ADAPTER_CONFIG
 
 CONFIG_NAME = "config.json"
 _ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu", "swish", "tanh", "quick_gelu")
@@ -150,7 +151,7 @@ class OPTConfig:
         path = Path(path)
         file = path / CONFIG_NAME if path.is_dir() else path
         if not file.exists():
-            raise ConfigError(f"{file}: no config.json found; expected an OPT checkpoint folder")
+            raise ConfigError(_adapter_hint(path) or f"{file}: no config.json found; expected an OPT checkpoint folder")
         try:
             data = json.loads(file.read_bytes().decode("utf-8"))
         except OSError as err:
@@ -166,3 +167,16 @@ class OPTConfig:
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         Path(folder).mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(folder) / CONFIG_NAME, json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def _adapter_hint(folder: Path) -> str | None:
+    """A LoRA adapter folder given where a model belongs: say so, and name its base model."""
+    file = folder / ADAPTER_CONFIG
+    if not file.is_file():
+        return None
+    try:
+        base = json.loads(file.read_text()).get("base_model_name_or_path") or "its base model"
+    except (OSError, ValueError, AttributeError):
+        base = "its base model"
+    return (f"{folder}: a LoRA adapter ({ADAPTER_CONFIG}), not a model; load the base model ({base}) and apply "
+            f"the adapter: --adapter {folder} on the command line, qopt.load_adapter(model, ...) in Python")

@@ -42,6 +42,9 @@ class OPTTokenizer:
         self.pad_token_id = tokenizer.token_to_id(self.pad_token)
         self.eos_token_id = self.bos_token_id = tokenizer.token_to_id(self.eos_token)
         self.all_special_ids = {self.pad_token_id, self.eos_token_id}
+        if self.pad_token_id is None or self.eos_token_id is None:
+            raise TokenizerError(f"{source or 'tokenizer'}: not an OPT (GPT-2 byte-level BPE) tokenizer: it has no "
+                                 f"'{self.eos_token}' / '{self.pad_token}' token")
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None) -> "OPTTokenizer":

@@ -9,11 +9,11 @@ from typing import Any
 
 import torch
 from accelerate.utils import find_tied_parameters, get_balanced_memory, get_max_memory, infer_auto_device_map
-from accelerate.utils.modeling import convert_file_size_to_int
 from torch import nn
 
 from ..errors import PlanError
 from ..model.network import decoder_layer_index, is_decoder_layer
+from ..utils import parse_size
 from .sizes import NO_SPLIT, DeviceMap, sizing_view
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -33,9 +33,9 @@ def normalize_max_memory(max_memory: dict[Any, Any] | None) -> dict[int | str, i
         if not isinstance(key, int) and key not in ("cpu", "disk", "mps"):
             raise PlanError(f"max_memory: unknown device {key!r} (expected GPU indices, 'cpu', 'disk')")
         try:
-            memory[key] = convert_file_size_to_int(value) if isinstance(value, str) else int(value)
-        except ValueError:
-            raise PlanError(f"max_memory[{key!r}] = {value!r}: expected bytes or a size such as 24GiB") from None
+            memory[key] = parse_size(value)
+        except ValueError as err:
+            raise PlanError(f"max_memory[{key!r}]: {err}") from None
     return dict(sorted(memory.items(), key=lambda kv: (not isinstance(kv[0], int), str(kv[0]))))
 
 
@@ -122,12 +122,13 @@ def summarize(device_map: DeviceMap) -> list[str]:
         (layers.append(decoder_layer_index(name)) if is_decoder_layer(name) else others.append(name or "everything"))
     lines = []
     for device, (layers, others) in by_device.items():
-        parts = others + ([f"layers {_ranges(sorted(layers))}"] if layers else [])
+        parts = others + ([f"layers {format_ranges(sorted(layers))}"] if layers else [])
         lines.append(f"{device}: {', '.join(parts)}")
     return lines
 
 
-def _ranges(numbers: list[int]) -> str:
+def format_ranges(numbers: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
     spans, start = [], None
     for i, n in enumerate(numbers):
         start = n if start is None else start

@@ -17,11 +17,11 @@ from torch import nn
 from ..bundled import data_dir
 from ..errors import ConfigError
 from ..model.config import OPTConfig
-from ..model.network import is_decoder_layer
+from ..model.network import decoder_layer_index, is_decoder_layer
 from ..quant.config import QuantizationConfig
 from ..quant.modules import is_quantized
 from ..utils import format_bytes
-from .device_map import infer_device_map, normalize_max_memory, summarize
+from .device_map import format_ranges, infer_device_map, normalize_max_memory, summarize
 from .sizes import DeviceMap, activation_bytes, kv_cache_bytes_per_layer, meta_model, sizing_view
 
 
@@ -66,6 +66,7 @@ class MemoryPlan:
     kv_cache_bytes: dict[str, int] = field(default_factory=dict)  # disk layers' caches live on the main device
     activation_bytes: int = 0  # on each device that runs layers
     parameters: int = 0
+    strategy: str = "auto"
 
     @property
     def main_device(self) -> str:
@@ -81,6 +82,39 @@ class MemoryPlan:
         """Whole model, KV cache and activations on the first (fastest) device of `max_memory`."""
         main = self.main_device
         return set(map(str, self.device_map.values())) == {main} and self.used_bytes(main) <= self.limits[main]
+
+    @property
+    def loadable(self) -> bool:
+        """Nothing over its limit and only decoder layers on disk (embeddings and head are shared or tied)."""
+        over = any(self.used_bytes(dev) > limit for dev, limit in self.limits.items())
+        return not over and all(d != "disk" or is_decoder_layer(n) for n, d in self.device_map.items())
+
+    @property
+    def verdict(self) -> str:
+        """One line over all devices: "fits: GPUs 0-1", "fits: GPU 0 + CPU", "needs disk: layers 35-63" or
+        "cannot load: ..."."""
+        over = [f"{'GPU ' if dev.isdigit() else ''}{dev} needs {format_bytes(self.used_bytes(dev))} of "
+                f"{format_bytes(limit)}" for dev, limit in self.limits.items() if self.used_bytes(dev) > limit]
+        if over:
+            return "cannot load: " + "; ".join(over)
+        if not self.loadable:
+            return "cannot load: only decoder layers can be offloaded to disk; give the CPU more memory"
+        disk = [decoder_layer_index(n) for n, d in self.device_map.items() if d == "disk"]
+        if disk:
+            return f"needs disk: layers {format_ranges(sorted(disk))}"
+        used = sorted({str(d) for d in self.device_map.values()}, key=lambda d: (not d.isdigit(), d))
+        gpus = [int(d) for d in used if d.isdigit()]
+        parts = ([f"GPU {gpus[0]}" if len(gpus) == 1 else f"GPUs {format_ranges(gpus)}"] if gpus else []) + \
+            ["CPU" for d in used if d == "cpu"]
+        return "fits: " + " + ".join(parts)
+
+    def flags(self) -> str:
+        """The `qopt` placement flags that load the model this way (the same limits, the same strategy)."""
+        memory = " ".join(f"{dev}={format_bytes(limit).replace(' ', '')}" for dev, limit in self.limits.items())
+        disk = " --offload-folder DIR" if "disk" in map(str, self.device_map.values()) else ""
+        if set(map(str, self.device_map.values())) == {"cpu"} and not disk:
+            return "--device-map cpu"
+        return f"--device-map {self.strategy} --max-memory {memory}{disk}"
 
     def format(self) -> str:
         count = f"{self.parameters / 1e9:.2f}B" if self.parameters >= 1e9 else f"{self.parameters / 1e6:.1f}M"
@@ -100,15 +134,13 @@ class MemoryPlan:
                              f"{format_bytes(self.kv_cache_bytes.get(dev, 0)):>12s} {format_bytes(act):>12s} "
                              f"{format_bytes(self.used_bytes(dev)):>12s}")
         lines.append("device map: " + "; ".join(summarize(self.device_map)))
-        main = self.main_device
-        name = f"GPU {main}" if main.isdigit() else main
-        lines.append(f"fits on {name} ({format_bytes(self.limits[main])}): {'yes' if self.fits else 'no'}")
         over = [dev for dev, limit in self.limits.items() if self.used_bytes(dev) > limit]
         if over:
             lines.append(f"over the limit: {', '.join(over)} (with the KV cache and activations of the layers "
                          f"that run there, disk layers included)")
-        if any(d == "disk" and not is_decoder_layer(n) for n, d in self.device_map.items()):
-            lines.append("cannot load: only decoder layers can be offloaded to disk; give the CPU more memory")
+        lines.append(f"verdict: {self.verdict}")
+        if self.loadable:
+            lines.append(f"load with: {self.flags()}")
         return "\n".join(lines)
 
 
@@ -117,6 +149,9 @@ def plan(source: OPTConfig | str | os.PathLike, bits: int = 4, max_memory: dict[
          dtype: torch.dtype = torch.bfloat16, strategy: str = "auto") -> MemoryPlan:
     """The memory plan for a model (config, folder or size name) at a bit width, before any weight is read."""
     config, label = config_for(source)
+    if context > config.max_position_embeddings:
+        raise ValueError(f"context {context} exceeds {label}'s max_position_embeddings "
+                         f"({config.max_position_embeddings})")
     if bits not in (4, 8, 16):
         raise ValueError(f"bits must be 4, 8 or 16, got {bits}")
     if context < 1 or batch < 1:
@@ -131,7 +166,7 @@ def plan(source: OPTConfig | str | os.PathLike, bits: int = 4, max_memory: dict[
     device_map = infer_device_map(model, dtype, strategy, memory, kv_layer, act)
     result = MemoryPlan(label, quant.name if quant else "16-bit", dtype, context, batch, device_map,
                         {str(k): v for k, v in memory.items()}, activation_bytes=act,
-                        parameters=_parameter_count(model))
+                        parameters=_parameter_count(model), strategy=strategy)
     sizes = compute_module_sizes(sizing_view(model, dtype), dtype=dtype)
     main = str(next(iter(memory)))
     for name, device in device_map.items():

@@ -11,13 +11,9 @@ import torch
 from ..errors import ConfigError
 from ..utils import DTYPES
 from .formats import BLOCKSIZE
+from .presets import PRESETS
 
 HEADS = ("lm_head", "score", "qa_outputs")  # output heads stay 16-bit, as transformers keeps them
-_PRESETS = {"int8": {"load_in_8bit": True},
-            "nf4": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
-            "fp4": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
-            "nf4-dq": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True},
-            "fp4-dq": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": True}}
 _MODULE_BITS = "qopt_module_bits"  # per-module widths of a mixed 4/8-bit model (qopt-only: transformers has one width)
 
 
@@ -77,9 +73,9 @@ class QuantizationConfig:
     def from_name(cls, name: str, **overrides: Any) -> "QuantizationConfig":
         """"int8" | "nf4" | "fp4" | "nf4-dq" | "fp4-dq" (dq = double quantization of the absmax)."""
         key = str(name).lower()
-        if key not in _PRESETS:
-            raise ConfigError(f"quantization {name!r}: expected one of {', '.join(_PRESETS)}")
-        return cls(**{**_PRESETS[key], **overrides})
+        if key not in PRESETS:
+            raise ConfigError(f"quantization {name!r}: expected one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[key], **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         data = {"quant_method": "bitsandbytes", "_load_in_8bit": self.load_in_8bit,
