@@ -11,7 +11,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="write a pre-quantized checkpoint (bitsandbytes layout, loads in "
                                         "transformers too)")
     p.add_argument("model", nargs="?", help=DEFAULT_MODEL_HELP)
-    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--out", required=True, help="output folder (written atomically; never the input)")
+    p.add_argument("--force", action="store_true", help="replace a model already in --out")
     p.add_argument("--bits", type=int, choices=(4, 8), default=4)
     p.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4", help="4-bit format")
     p.add_argument("--double-quant", action="store_true", help="4-bit: quantize the absmax statistics too")
@@ -40,6 +41,17 @@ def _quantize_preset(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..errors import OutputError
+    from ..io.outputs import check_output_folder
+
+    try:  # before any work: a wrong --out fails in a second, and the input is never written
+        check_output_folder(args.out, [model_path(args.model)], overwrite=args.force)
+        return _run(args)
+    except OutputError as err:
+        raise err.spelled("--force") from None
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.method == "rtn" and args.budget is None:
         return _quantize_rtn(args)
     from pathlib import Path
@@ -63,14 +75,15 @@ def run(args: argparse.Namespace) -> int:
               f"(all 4-bit: {format_bytes(plan.all_4bit_bytes)})")
     if args.method == "rtn":
         layers, nbytes = quantize_checkpoint(path, args.out, quant, torch_dtype=args.dtype,
-                                             max_shard_size=args.max_shard_size)
+                                             max_shard_size=args.max_shard_size, overwrite=args.force)
         print(f"wrote {args.out}: {layers} quantized layers, {format_bytes(nbytes)} of weights")
         return 0
     import torch
 
     config = CalibrationConfig(quantization=quant, dtype=getattr(torch, args.dtype))
     report = calibrate_checkpoint(path, args.out, config, text=text, count=args.calibration_windows,
-                                  seqlen=args.calibration_seqlen, max_shard_size=args.max_shard_size)
+                                  seqlen=args.calibration_seqlen, max_shard_size=args.max_shard_size,
+                                  overwrite=args.force)
     print(f"wrote {args.out}: {report.summary()}")
     return 0
 
@@ -81,6 +94,6 @@ def _quantize_rtn(args: argparse.Namespace) -> int:
 
     config = QuantizationConfig.from_name(_quantize_preset(args))
     layers, nbytes = quantize_checkpoint(model_path(args.model), args.out, config, torch_dtype=args.dtype,
-                                         max_shard_size=args.max_shard_size)
+                                         max_shard_size=args.max_shard_size, overwrite=args.force)
     print(f"wrote {args.out}: {config.name}, {layers} quantized layers, {format_bytes(nbytes)} of weights")
     return 0
