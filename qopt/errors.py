@@ -1,4 +1,5 @@
 """Error types of qopt: each message names the file, tensor or field and what was expected."""
+from __future__ import annotations
 
 
 class QoptError(Exception):
@@ -31,3 +32,26 @@ class AdapterError(QoptError):
 
 class NumericsError(QoptError):
     """A forward pass produced NaN or inf; the message names the first layer where it appeared."""
+
+
+class OptionError(QoptError):
+    """An error whose remedy is an option: the library spells it as its argument (`overwrite=True`), and the
+    CLI re-spells the same message with its flag (`--force`) through `spelled`."""
+
+    PLACEHOLDER = "{option}"
+
+    def __init__(self, template: str, option: str = "") -> None:
+        super().__init__(template.replace(self.PLACEHOLDER, option))
+        self.template, self.option = template, option
+
+    def spelled(self, option: str) -> OptionError:
+        """The same error, naming `option` (e.g. a CLI flag) as the remedy."""
+        return type(self)(self.template, option)
+
+
+class OutputError(OptionError):
+    """An output path would destroy the input or an existing model, or cannot be written at all."""
+
+
+class ResumeError(OptionError, ValueError):
+    """A fine-tuning output folder holds a checkpoint of a different run (data, settings or base model)."""

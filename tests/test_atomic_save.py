@@ -207,10 +207,10 @@ def test_overwriting_with_another_shard_layout_leaves_no_stale_weights(tmp_path,
 
 
 def run_quantize(source: Path, out: Path, quant_type: str, kill_after: float | None = None) -> tuple[int, float]:
-    """`python -m qopt quantize` into `out`; with `kill_after`, SIGKILL that long after its staging folder
+    """`python -m qopt quantize --force` into `out`; with `kill_after`, SIGKILL that long after its staging folder
     appears. Returns (exit code, seconds the staging folder existed: the write phase, when not killed)."""
     proc = subprocess.Popen([sys.executable, "-m", "qopt", "quantize", str(source), "--out", str(out),
-                             "--quant-type", quant_type, "--max-shard-size", "2MB"], cwd=REPO,
+                             "--quant-type", quant_type, "--max-shard-size", "2MB", "--force"], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     staging = out.with_name(f".{out.name}.tmp-{proc.pid}")
     while not staging.exists() and proc.poll() is None:

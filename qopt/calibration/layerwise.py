@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from ..bundled import data_dir
 from ..errors import CheckpointError
 from ..io.checkpoint import CheckpointFiles, inspect_checkpoint, iter_shard_tensors, normalize_key
+from ..io.outputs import check_output_folder
 from ..loading.loader import AUXILIARY_FILES
 from ..loading.saving import save_model
 from ..model.config import OPTConfig
@@ -287,12 +288,15 @@ def calibrate(source: str | os.PathLike | OPTForCausalLM, windows: torch.Tensor 
 
 def calibrate_checkpoint(path: str | os.PathLike, out: str | os.PathLike, config: CalibrationConfig | None = None,
                          *, text: str | None = None, count: int = 128, seqlen: int | None = None, seed: int = 0,
-                         max_shard_size: str | int = "2GB", progress: bool = True) -> CalibrationReport:
+                         max_shard_size: str | int = "2GB", progress: bool = True,
+                         overwrite: bool = False) -> CalibrationReport:
     """What `qopt quantize --method calibrated` runs: calibrate a checkpoint folder and write it pre-quantized.
 
     `text` replaces the shipped calibration sample; `count` windows of `seqlen` tokens (default: the model's
     context, at most 2048) are drawn with `seed`. The source's tokenizer files are copied beside the weights.
+    `out` may not overlap the source, and replaces an existing model only with `overwrite=True`.
     """
+    check_output_folder(out, [path], overwrite=overwrite)
     seqlen = seqlen or min(OPTConfig.from_pretrained(path).max_position_embeddings, 2048)
     windows = calibration_windows(text, count=count, seqlen=seqlen, seed=seed)
     model, report = calibrate(path, windows, config, progress=progress)

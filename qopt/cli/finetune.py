@@ -56,12 +56,22 @@ def add(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass")
     t.add_argument("--no-gradient-checkpointing", action="store_true",
                    help="keep activations instead of recomputing them (faster, more memory)")
-    t.add_argument("--no-resume", action="store_true", help="start over even if OUTPUT has a checkpoint")
+    t.add_argument("--no-resume", action="store_true", help="start over even if OUTPUT has a "
+                   "checkpoint (of this run or another)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..errors import ResumeError
+
+    try:
+        return _run(args)
+    except ResumeError as err:  # the library names resume=False; a CLI user needs the flag
+        raise err.spelled("--no-resume") from None
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..finetuning.lora import ALL_LINEAR, LoraConfig
     from ..finetuning.recipe import finetune
     from ..finetuning.trainer import TrainingArguments
@@ -83,5 +93,5 @@ def run(args: argparse.Namespace) -> int:
                       gradient_checkpointing=not args.no_gradient_checkpointing)
     if result.is_main_process:
         print(result.summary())
-        print(f"adapter written to {args.output} (PEFT format)")
+        print(f"adapter {'in' if result.already_done else 'written to'} {args.output} (PEFT format)")
     return 0

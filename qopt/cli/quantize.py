@@ -10,7 +10,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     p = add_parser(sub, "quantize", "write a pre-quantized checkpoint (bitsandbytes layout, loads in "
                                     "transformers too)")
     p.add_argument("model", nargs="?", help=DEFAULT_MODEL_HELP)
-    add_output(p, "output folder (written atomically)")
+    add_output(p, "output folder (written atomically; never the input)")
+    p.add_argument("--force", action="store_true", help="replace a model already in --output")
     add_precision(p, (4, 8), "4 = --quant-type (default), 8 = LLM.int8")
     p.add_argument("--method", choices=("rtn", "calibrated"), default="rtn",
                    help="rtn: round to nearest while streaming the checkpoint; calibrated: GPTQ rounding on "
@@ -38,6 +39,17 @@ def _quantize_preset(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..errors import OutputError
+    from ..io.outputs import check_output_folder
+
+    try:  # before any work: a wrong --out fails in a second, and the input is never written
+        check_output_folder(args.output, [model_path(args.model)], overwrite=args.force)
+        return _run(args)
+    except OutputError as err:
+        raise err.spelled("--force") from None
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..utils import format_bytes
 
     if args.method == "rtn" and args.budget is None:
@@ -63,14 +75,15 @@ def run(args: argparse.Namespace) -> int:
               f"(all 4-bit: {format_bytes(plan.all_4bit_bytes)})")
     if args.method == "rtn":
         layers, nbytes = quantize_checkpoint(path, args.output, quant, torch_dtype=args.dtype,
-                                             max_shard_size=args.max_shard_size)
+                                             max_shard_size=args.max_shard_size, overwrite=args.force)
         print(f"wrote {args.output}: {layers} quantized layers, {format_bytes(nbytes)} of weights")
         return 0
     import torch
 
     config = CalibrationConfig(quantization=quant, dtype=getattr(torch, args.dtype))
     report = calibrate_checkpoint(path, args.output, config, text=text, count=args.calibration_windows,
-                                  seqlen=args.calibration_seqlen, max_shard_size=args.max_shard_size)
+                                  seqlen=args.calibration_seqlen, max_shard_size=args.max_shard_size,
+                                  overwrite=args.force)
     print(f"wrote {args.output}: {report.summary()}")
     return 0
 
@@ -82,6 +95,6 @@ def _quantize_rtn(args: argparse.Namespace) -> int:
 
     config = QuantizationConfig.from_name(_quantize_preset(args))
     layers, nbytes = quantize_checkpoint(model_path(args.model), args.output, config, torch_dtype=args.dtype,
-                                         max_shard_size=args.max_shard_size)
+                                         max_shard_size=args.max_shard_size, overwrite=args.force)
     print(f"wrote {args.output}: {config.name}, {layers} quantized layers, {format_bytes(nbytes)} of weights")
     return 0

@@ -3,6 +3,7 @@ adapter and trained on a text or JSONL file by `qopt.finetuning.trainer`.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,13 +12,15 @@ import torch
 from accelerate.utils import set_seed
 from torch import nn
 
+from ..io.outputs import check_output_folder
 from ..loading.loader import load
 from ..model.config import OPTConfig
 from ..model.network import OPTForCausalLM, OPTForSequenceClassification
 from ..model.tokenizer import tokenizer_for
 from .data import classification_dataset, lm_dataset
+from .fingerprint import base_fingerprint, data_fingerprint, run_fingerprint
 from .lora import LoraConfig, add_lora
-from .trainer import TrainingArguments, TrainResult, train
+from .trainer import TrainingArguments, TrainResult, finished_run, train
 
 
 def prepare_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True) -> nn.Module:
@@ -59,9 +62,12 @@ def finetune(model_path: str | Path, data: str | Path, args: TrainingArguments, 
     Without `eval_data`, the last `eval_fraction` of the blocks (or examples) is held out for evaluation.
     `block_size` defaults to min(256, the model's context) and `max_length` to the model's context.
     `torch_dtype`, `device_map`, `max_memory` and `offload_folder` place the base model as `qopt.load` does.
+    Re-run on the same output_dir, it resumes the checkpoint there if data, settings and base are unchanged
+    (ResumeError otherwise; `args.resume=False` starts over) and returns a finished run's result untrained.
     """
     if task not in TASKS:
         raise ValueError(f"task {task!r}: expected one of {TASKS}")
+    check_output_folder(args.output_dir, [model_path], adapter=True)  # before any work
     config = OPTConfig.from_pretrained(model_path)
     block_size = block_size or min(256, config.max_position_embeddings)
     max_length = max_length or config.max_position_embeddings
@@ -81,6 +87,14 @@ def finetune(model_path: str | Path, data: str | Path, args: TrainingArguments, 
         eval_set = classification_dataset(eval_data, tokenizer, max_length, train_set.label_names) \
             if eval_data else None
         overrides["num_labels"] = len(train_set.label_names)
+    settings = {"task": task, "block_size" if task == "causal-lm" else "max_length": length,
+                "eval_fraction": None if eval_data else eval_fraction, "quantization": quantization,
+                "torch_dtype": torch_dtype, "adapter_dtype": adapter_dtype}
+    fingerprint = run_fingerprint(base_fingerprint(model_path), lora or LoraConfig(), args,
+                                  data_fingerprint(train=data, eval=eval_data), settings)
+    finished = finished_run(Path(args.output_dir), fingerprint, args, int(os.environ.get("RANK", "0")) == 0)
+    if finished is not None:  # checked before the model is loaded: a finished run costs nothing to repeat
+        return finished
     if eval_set is None and eval_fraction:
         train_set, eval_set = train_set.split(eval_fraction)
     set_seed(args.seed)
@@ -94,4 +108,4 @@ def finetune(model_path: str | Path, data: str | Path, args: TrainingArguments, 
         enable_input_require_grads(model)
         model.gradient_checkpointing_enable()
     add_lora(model, lora, dtype=adapter_dtype)
-    return train(model, train_set, eval_set, args, on_step)
+    return train(model, train_set, eval_set, args, on_step, fingerprint)

@@ -18,7 +18,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +31,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..errors import AdapterError
+from ..errors import AdapterError, ResumeError
 from ..io.atomic import atomic_write_text, publish_folder, staging_folder
+from ..io.outputs import check_output_folder
 from ..utils import format_bytes
 from .adapters import (adapter_state_dict, load_adapter_state_dict, read_adapter_weights, save_adapter,
                        write_adapter_files)
+from .fingerprint import base_fingerprint, differences, run_fingerprint
 from .lora import adapter_set, trainable_parameters
 
 logger = logging.getLogger(__name__)
@@ -96,9 +98,12 @@ class TrainResult:
     output_dir: str
     processes: int = 1
     is_main_process: bool = True  # under torchrun every process returns a result; one of them reports
+    already_done: bool = False  # the output folder held a finished run: nothing was trained
 
     def summary(self) -> str:
         last = self.evals[-1] if self.evals else {}
+        if self.already_done:
+            return f"already done (step {self.steps} of {self.steps}), final loss {self.losses[-1]:.4f}"
         evals = ", ".join(f"eval {k} {v:.4g}" for k, v in last.items() if k != "step")
         cuda = f", CUDA max allocated {format_bytes(self.cuda_peak_bytes)}" if self.cuda_peak_bytes else ""
         return (f"{self.steps} steps, final loss {self.losses[-1]:.4f}{', ' + evals if evals else ''}; "
@@ -260,20 +265,66 @@ def load_checkpoint(folder: Path, accelerator: Accelerator, model: nn.Module, op
 
 
 def _check_same_data_order(saved: dict[str, Any], args: TrainingArguments, folder: Path) -> None:
-    """The saved data position only means the same batches under the same seed and batch shape."""
+    """The saved data position only means the same batches under the same seed and batch shape (checked on
+    checkpoints of every age: their saved arguments predate fingerprints)."""
     for name in ("seed", "batch_size", "gradient_accumulation_steps"):
         if saved.get(name) != getattr(args, name):
-            raise ValueError(f"{folder}: the checkpoint was written with {name}={saved.get(name)}, this run has "
-                             f"{getattr(args, name)}; resume with the same value or start over (resume=False)")
+            raise ResumeError(f"{folder}: the checkpoint was written with {name}={saved.get(name)}, this run has "
+                              f"{getattr(args, name)}; resume with the same value or start over "
+                              f"({ResumeError.PLACEHOLDER})", "resume=False")
+
+
+def check_resume(output: Path, fingerprint: dict[str, Any], args: TrainingArguments) -> dict[str, Any] | None:
+    """The saved trainer state this run continues (None: no checkpoint, or resume=False); a ResumeError that
+    says what changed when the checkpoint belongs to another run (see `qopt.finetuning.fingerprint`)."""
+    file = output / CHECKPOINT_DIR / TRAINER_STATE
+    if not args.resume or not file.exists():
+        return None
+    saved = json.loads(file.read_text())
+    _check_same_data_order(saved["args"], args, file.parent)
+    changes = differences(saved["fingerprint"], fingerprint) if "fingerprint" in saved else []
+    if changes:
+        raise ResumeError(f"{file.parent}: a different run: {'; '.join(changes)}; rerun with the same data and "
+                          f"settings, choose another output folder, or start over ({ResumeError.PLACEHOLDER})",
+                          "resume=False")
+    return saved
+
+
+def finished_run(output: Path, fingerprint: dict[str, Any], args: TrainingArguments,
+                 is_main_process: bool = True) -> TrainResult | None:
+    """The logged result when `output` holds this run finished (max_steps reached), so nothing is redone."""
+    saved = check_resume(output, fingerprint, args)
+    log = output / TRAINING_LOG
+    if saved is None or saved["step"] < args.max_steps or not log.exists():
+        return None
+    data = json.loads(log.read_text())
+    if data.get("steps") != saved["step"]:  # the log of an earlier, shorter run: the final save was cut short
+        return None
+    result = TrainResult(**{f.name: data[f.name] for f in fields(TrainResult) if f.name in data})
+    logger.info("%s: already done (step %d of %d)", output, result.steps, result.steps)
+    return replace(result, already_done=True, is_main_process=is_main_process)
+
+
+def model_fingerprint(model: nn.Module, args: TrainingArguments) -> dict[str, Any]:
+    """A run's fingerprint from the model alone (base, adapter, settings): `train` called without a recipe."""
+    adapters = adapter_set(model)
+    base = base_fingerprint(getattr(model, "name_or_path", None), model.config.to_dict())
+    return run_fingerprint(base, adapters.configs[adapters.active], args)
 
 
 # -- the loop -----------------------------------------------------------------------------------------------
 def train(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, args: TrainingArguments,
-          on_step: Callable[[int, float], None] | None = None) -> TrainResult:
-    """Train the active LoRA adapter of `model`; the adapter is saved to output_dir in PEFT's format."""
+          on_step: Callable[[int, float], None] | None = None, fingerprint: dict[str, Any] | None = None
+          ) -> TrainResult:
+    """Train the active LoRA adapter of `model`; the adapter is saved to output_dir in PEFT's format.
+
+    A checkpoint in output_dir is resumed only under the same `fingerprint` (default: one made from the model
+    and `args`; `qopt.finetune` adds the data files); a finished run returns its logged result untrained.
+    """
     adapters = adapter_set(model)
     if adapters.active is None:
         raise AdapterError("no active adapter to train (add one with qopt.lora.add_lora)")
+    check_output_folder(args.output_dir, adapter=True)  # before any training: a bad folder fails now
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     set_seed(args.seed, device_specific=True)
     output = Path(args.output_dir)
@@ -291,17 +342,26 @@ def train(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, args: 
         raise ValueError(f"{len(train_set)} training examples are fewer than one batch of {args.batch_size} "
                          f"per process ({accelerator.num_processes} processes)")
 
+    fingerprint = fingerprint or model_fingerprint(model, args)
     state: dict[str, Any] = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "losses": [], "evals": [],
-                             "args": asdict(args)}
+                             "args": asdict(args), "fingerprint": fingerprint}
     resumed_from, rng = None, None
     checkpoint_dir = output / CHECKPOINT_DIR
     if accelerator.is_main_process:  # staging folders a killed save left behind; the published copy is intact
         for stale in output.glob(f".{CHECKPOINT_DIR}.*-*"):
             shutil.rmtree(stale, ignore_errors=True)
-    if args.resume and (checkpoint_dir / TRAINER_STATE).exists():
+    saved = check_resume(output, fingerprint, args)
+    if saved is not None:
+        finished = finished_run(output, fingerprint, args, accelerator.is_main_process)
+        if finished is not None:
+            return finished
         state, rng = load_checkpoint(checkpoint_dir, accelerator, model, optimizer, scheduler)
-        _check_same_data_order(state["args"], args, checkpoint_dir)
+        state["fingerprint"] = fingerprint  # a checkpoint from before fingerprints gets one at its next save
         resumed_from = state["step"]
+        unchecked = "" if "fingerprint" in saved else \
+            " (the checkpoint has no fingerprint, written by an older qopt: its data and settings are not checked)"
+        if accelerator.is_main_process:
+            print(f"resuming from step {resumed_from} of {args.max_steps}{unchecked}", flush=True)
         logger.info("resuming from %s at step %d", checkpoint_dir, resumed_from)
     if rng is not None:
         _set_rng_state(rng)
@@ -370,7 +430,8 @@ def train(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, args: 
         seconds=seconds, peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         cuda_peak_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         resumed_from=resumed_from, output_dir=str(output), processes=accelerator.num_processes,
-        is_main_process=accelerator.is_main_process)
+        is_main_process=accelerator.is_main_process,
+        already_done=resumed_from is not None and resumed_from >= args.max_steps)
     if accelerator.is_main_process:
         save_adapter(model, output)
         atomic_write_text(output / TRAINING_LOG, json.dumps(asdict(result), indent=1) + "\n")

@@ -37,6 +37,32 @@ def _is_weights_file(name: str) -> bool:
     return name.endswith((".safetensors", ".bin", ".index.json")) or name == "config.json"
 
 
+def holds_model(folder: Path) -> str | None:
+    """The name of a file that a save into `folder` would replace (a model's or an adapter's), or None."""
+    if not folder.is_dir():
+        return None
+    return next((item.name for item in sorted(folder.iterdir()) if _is_weights_file(item.name)), None)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (os.umask can only set and return)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_default_mode(path: Path) -> None:
+    """Files that a library writes through a private temp file (safetensors does) come out 0600; give them the
+    mode a plain open() would (0644 under the usual umask), so a shared model folder is readable by others."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def _fsync_tree(folder: Path) -> None:
     """Flush the staged files so a power loss after the swap cannot leave empty files behind."""
     for path in [*folder.rglob("*"), folder]:

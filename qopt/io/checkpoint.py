@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from ..errors import CheckpointError
 from ..utils import parse_size
-from .atomic import atomic_write_text
+from .atomic import atomic_write_text, give_default_mode
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -323,11 +323,13 @@ def write_safetensors_shards(state: dict[str, torch.Tensor], folder: Path, max_s
     meta = {"format": "pt", **(metadata or {})}
     if len(shards) == 1:
         save_file(shards[0], str(folder / f"{prefix}.safetensors"), metadata=meta)
+        give_default_mode(folder / f"{prefix}.safetensors")
         return
     weight_map = {}
     for i, shard in enumerate(shards, 1):
         name = f"{prefix}-{i:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(folder / name), metadata=meta)
+        give_default_mode(folder / name)
         weight_map.update({k: name for k in shard})
     index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
     atomic_write_text(folder / f"{prefix}.safetensors.index.json", json.dumps(index, indent=2) + "\n")

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..errors import CheckpointError, ConfigError, PlanError
 from ..io.checkpoint import CheckpointFiles, check_tensor_shapes, inspect_checkpoint, iter_shard_tensors, normalize_key
+from ..io.outputs import check_output_folder
 from ..model.config import OPTConfig
 from ..model.network import LAYER_PREFIX, OPTForCausalLM, OPTModel, OPTPreTrainedModel, decoder_layer_index
 from ..place.device_map import device_of, infer_device_map, summarize
@@ -149,10 +150,12 @@ AUXILIARY_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
 
 
 def quantize_checkpoint(path: str | os.PathLike, out: str | os.PathLike, quantization: Any, *,
-                        torch_dtype: str | torch.dtype = "bfloat16", max_shard_size: str | int = "2GB"
-                        ) -> tuple[int, int]:
+                        torch_dtype: str | torch.dtype = "bfloat16", max_shard_size: str | int = "2GB",
+                        overwrite: bool = False) -> tuple[int, int]:
     """Stream a float checkpoint into a quantized model and write it pre-quantized (atomically), with the
-    source's tokenizer files; returns (quantized layers, bytes of weights written)."""
+    source's tokenizer files; returns (quantized layers, bytes of weights written). `out` may not overlap the
+    source, and replaces an existing model only with `overwrite=True` (checked before any work)."""
+    check_output_folder(out, [path], overwrite=overwrite)
     model = load(path, quantization=quantization, torch_dtype=torch_dtype)
     extras = [Path(path) / name for name in AUXILIARY_FILES if (Path(path) / name).is_file()]
     save_model(model, out, max_shard_size, extra_files=extras)
