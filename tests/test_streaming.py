@@ -237,3 +237,33 @@ def test_cli_generates_a_prompts_file_into_json_lines(tmp_path, capsys):
     assert main(["generate", str(folder), "--prompts-file", str(prompts), "--num-beams", "2"]) == 2
     assert main(["generate", str(folder), "x", "--output", str(out)]) == 2
     assert "apply to --prompts-file" in capsys.readouterr().err
+
+
+# -- qopt plan: what the offloaded layers cost in reads ---------------------------------------------------------
+def test_plan_states_bytes_read_per_token_and_per_pass_with_a_time_estimate(capsys):
+    from qopt.cli import main
+    from qopt.place.plan import plan
+
+    result = plan("opt-2.7b", 4, {"cpu": "1GiB"}, context=256)
+    disk = result.weight_bytes["disk"]
+    assert "disk reads:" not in plan("opt-125m", 4, {"cpu": "4GiB"}).format()
+    result.read_bandwidth, result.bandwidth_source = disk / 2.0, "given"  # two seconds per read of the disk layers
+    text = result.format()
+    assert f"disk reads: {qopt.place.plan.format_bytes(disk)} per generated token" in text
+    assert "2.00 s per generated token, 2.00 s per evaluation pass" in text
+    assert "verdict: needs disk: layers " in text and "load with: " in text  # the existing lines stay
+    assert main(["plan", "opt-2.7b", "--cpu", "1GiB", "--context", "256", "--read-bandwidth", "1GiB/s"]) in (0, 1)
+    out = capsys.readouterr().out
+    assert "read time at 1.00 GiB/s (given)" in out and "device map:" in out
+    assert main(["plan", "opt-2.7b", "--cpu", "1GiB", "--read-bandwidth", "fast"]) == 2
+    assert "--read-bandwidth fast: expected a positive rate" in capsys.readouterr().err
+
+
+def test_read_bandwidth_is_measured_past_the_page_cache_and_leaves_no_file(tmp_path):
+    from qopt.place.bandwidth import measure_read_bandwidth, parse_rate
+
+    assert measure_read_bandwidth(tmp_path, "2MiB") > 0
+    assert list(tmp_path.iterdir()) == []
+    assert parse_rate("2GB/s") == 2e9 and parse_rate("512MiB") == 2 ** 29
+    with pytest.raises(ValueError, match="read bandwidth '0'"):
+        parse_rate("0")

@@ -21,6 +21,11 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=1, help="sequences decoded at once")
     p.add_argument("--strategy", choices=("auto", "balanced", "balanced_low_0", "sequential"), default="auto",
                    help="how layers spread over the GPUs (accelerate's device-map strategies)")
+    p.add_argument("--read-bandwidth", metavar="RATE",
+                   help="disk read rate for the time estimates of offloaded layers, e.g. 2GB/s (default: measured "
+                        "in --offload-folder when the plan needs disk)")
+    p.add_argument("--offload-folder", metavar="DIR", help="where offloaded layers would live (default: the temp "
+                                                           "folder); the read rate is measured there")
     p.set_defaults(handler=run)
 
 
@@ -28,6 +33,15 @@ def run(args: argparse.Namespace) -> int:
     from ..place.device_map import normalize_max_memory
     from ..place.plan import plan
 
+    rate = None
+    if args.read_bandwidth:
+        from ..place.bandwidth import parse_rate
+
+        try:
+            rate = parse_rate(args.read_bandwidth)
+        except ValueError:
+            raise ValueError(f"--read-bandwidth {args.read_bandwidth}: expected a positive rate such as 2GB/s or "
+                             "500MiB/s") from None
     memory: dict[int | str, str | int] = {i: size for i, size in enumerate(args.gpu or [])}
     if args.cpu is not None:
         memory["cpu"] = args.cpu
@@ -35,5 +49,16 @@ def run(args: argparse.Namespace) -> int:
         memory["cpu"] = normalize_max_memory(None).get("cpu", 0)
     result = plan(args.model, args.bits, memory or None, args.context, args.batch, quant_type=args.quant_type,
                   double_quant=args.double_quant, strategy=args.strategy)
+    if "disk" in map(str, result.device_map.values()):
+        if rate:
+            result.read_bandwidth, result.bandwidth_source = rate, "given"
+        else:
+            import tempfile
+
+            from ..place.bandwidth import measure_read_bandwidth
+
+            folder = args.offload_folder or tempfile.gettempdir()
+            result.read_bandwidth = measure_read_bandwidth(folder)
+            result.bandwidth_source = f"measured in {folder}"
     print(result.format())
     return 0 if result.loadable else 1
