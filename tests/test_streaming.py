@@ -267,3 +267,16 @@ def test_read_bandwidth_is_measured_past_the_page_cache_and_leaves_no_file(tmp_p
     assert parse_rate("2GB/s") == 2e9 and parse_rate("512MiB") == 2 ** 29
     with pytest.raises(ValueError, match="read bandwidth '0'"):
         parse_rate("0")
+
+
+def test_a_16_bit_model_with_layers_on_disk_computes_in_its_own_dtype(checkpoint, tmp_path):
+    """Offloaded float tensors come back in the dtype they were stored in (the meta placeholders are float32)."""
+    kwargs = dict(torch_dtype=torch.bfloat16, progress=False)
+    offloaded = qopt.load(checkpoint, device_map=HALF_ON_DISK, offload_folder=tmp_path, **kwargs)
+    in_memory = qopt.load(checkpoint, **kwargs)
+    ids = IDS[:24].reshape(2, 12)
+    with torch.no_grad():
+        assert torch.equal(offloaded(ids).logits, in_memory(ids).logits)
+    streamed = evaluate_ids(offloaded, IDS, 32, progress=False)
+    assert streamed.streaming and streamed.nll == pytest.approx(evaluate_ids(in_memory, IDS, 32, progress=False).nll,
+                                                                rel=1e-6)

@@ -112,8 +112,9 @@ class RebuildOnForward(ModelHook):
                 continue
             state = {k[len(owner) + 1:]: tensors[self.prefix + k] for k in keys}
             set_quantized_state(module.get_submodule(owner), state, self.device, source=f"offloaded {full}")
-        for name in self.plain:
-            set_module_tensor_to_device(module, name, self.device, value=tensors[self.prefix + name])
+        for name in self.plain:  # in their stored dtype: the meta placeholders are float32 whatever was loaded
+            value = tensors[self.prefix + name]
+            set_module_tensor_to_device(module, name, self.device, value=value, dtype=value.dtype)
 
     def release(self, module: nn.Module) -> None:
         """Back to meta; a 4-bit module the CPU kernel repacked leaves that layout in the store for next time."""
