@@ -17,7 +17,8 @@ Parts: (a) `eval`: perplexity over --windows windows of WikiText-2 test at each 
 qopt window-major, transformers window-major; (b) `generate`: --prompts prompts x --new tokens, greedy, no end
 token: qopt `generate_many` (throughput mode), qopt `generate` one prompt at a time (measured on
 --single-prompts of them and scaled), transformers' batched `generate` over all prompts; (c) `step`: batch-1
-decode step time with and without prefetch. Targets: bytes read by a layer-streamed evaluation = 1x the
+decode step time (prefill included, over --steps tokens) with and without prefetch, taking turns, median of
+--repeats. Targets: bytes read by a layer-streamed evaluation = 1x the
 offloaded bytes; throughput mode >= 10x one-by-one and >= 2x transformers in tokens/s.
 """
 from __future__ import annotations
@@ -50,10 +51,13 @@ def half_on_disk(config) -> dict:
     return placement
 
 
-def evict(paths: list[Path]) -> None:
+def evict(paths: list[Path], sync: bool = False) -> None:
+    """Drop files from the page cache; `sync` writes them back first (dirty pages cannot be dropped)."""
     for path in paths:
         fd = os.open(path, os.O_RDONLY)
         try:
+            if sync:
+                os.fsync(fd)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
@@ -66,7 +70,7 @@ def load_qopt(folder: str, offload: str):
     model = qopt.load(folder, torch_dtype="bfloat16", device_map=half_on_disk(OPTConfig.from_pretrained(folder)),
                       offload_folder=offload, progress=False)
     model._qopt_offloaded.evict = True
-    evict([p for p in Path(model._qopt_offloaded.save_folder).iterdir() if p.is_file()])  # just written: cached
+    evict([p for p in Path(model._qopt_offloaded.save_folder).iterdir() if p.is_file()], sync=True)
     return model
 
 
@@ -84,7 +88,7 @@ def load_peer(folder: str, offload: str):
     for name, device in placement.items():
         if device == "disk":
             model.get_submodule(name).register_forward_hook(lambda *_: evict(files))
-    evict(files)
+    evict(files, sync=True)
     return model
 
 
@@ -156,18 +160,36 @@ def child_generate(which: str, folder: str, offload: str, prompts: int, new: int
     return {"seconds": seconds, "read_bytes": read_bytes() - before, "tokens": generated, "first": first}
 
 
-def child_step(folder: str, offload: str, prefetch: bool, steps: int) -> dict:
+def child_step(folder: str, offload: str, steps: int, repeats: int) -> dict:
+    """Batch-1 decode step time with and without prefetch, taking turns in one process; medians of `repeats`."""
+    import statistics
+
     import qopt
+    from qopt.place import streaming
 
     model = load_qopt(folder, offload)
     rows = prompt_ids(1)
-    qopt.generate_many(model, rows, max_new_tokens=1, eos_token_id=[], prefetch=prefetch)  # CPU layout written
-    timings = []
-    for new in (1, steps + 1):
-        began = time.perf_counter()
-        qopt.generate_many(model, rows, max_new_tokens=new, eos_token_id=[], prefetch=prefetch)
-        timings.append(time.perf_counter() - began)
-    return {"step_seconds": (timings[1] - timings[0]) / steps, "prefetch": prefetch}
+    qopt.generate_many(model, rows, max_new_tokens=1, eos_token_id=[])  # CPU layout written
+    streamers = []
+    run = streaming.LayerStreamer.run
+
+    def recorded(self, *args, **kwargs):
+        streamers.append(self)
+        return run(self, *args, **kwargs)
+
+    streaming.LayerStreamer.run = recorded
+    times: dict[bool, list[float]] = {True: [], False: []}
+    waits: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(repeats):
+        for prefetch in (True, False):
+            streamers.clear()
+            began = time.perf_counter()
+            qopt.generate_many(model, rows, max_new_tokens=steps, eos_token_id=[], prefetch=prefetch)
+            times[prefetch].append((time.perf_counter() - began) / steps)
+            stats = streamers[-1].stats
+            waits[prefetch].append(stats.wait_seconds / stats.passes)
+    return {f"{'prefetch' if p else 'no_prefetch'}_{key}": statistics.median(values[p])
+            for p in (True, False) for key, values in (("step", times), ("wait", waits))}
 
 
 def child(argv: list[str]) -> None:
@@ -226,6 +248,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="prompts per micro-batch in throughput mode")
     parser.add_argument("--single-prompts", type=int, default=2, help="prompts timed one by one (then scaled)")
     parser.add_argument("--steps", type=int, default=8, help="decode steps timed for the step part")
+    parser.add_argument("--repeats", type=int, default=3, help="step part: runs of each, taking turns (median)")
     parser.add_argument("--log", type=Path, default=ROOT / "evals" / "results" / "bench_offload.jsonl")
     args = parser.parse_args()
     fp16, nf4 = prepare(args.folder, args.size)
@@ -253,8 +276,9 @@ def main() -> None:
             print(f"| {which} | {r['tokens']} | {r['seconds']:.1f} s | {r['tokens'] / r['seconds']:.2f} tok/s | "
                   f"{gib(r['read_bytes'])} |")
     if "step" in args.parts:
-        for prefetch in (True, False):
-            run_child("step", args.log, folder=str(nf4), prefetch=prefetch, steps=args.steps, **common)
+        r = run_child("step", args.log, folder=str(nf4), steps=args.steps, repeats=args.repeats, **common)
+        print(f"\nbatch-1 decode step: prefetch {r['prefetch_step']:.3f} s (waiting for reads "
+              f"{r['prefetch_wait']:.3f} s), without {r['no_prefetch_step']:.3f} s ({r['no_prefetch_wait']:.3f} s)")
 
 
 if __name__ == "__main__":

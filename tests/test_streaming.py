@@ -280,3 +280,21 @@ def test_a_16_bit_model_with_layers_on_disk_computes_in_its_own_dtype(checkpoint
     streamed = evaluate_ids(offloaded, IDS, 32, progress=False)
     assert streamed.streaming and streamed.nll == pytest.approx(evaluate_ids(in_memory, IDS, 32, progress=False).nll,
                                                                 rel=1e-6)
+
+
+def test_a_layer_read_with_several_threads_equals_one_read_after_the_other(checkpoint, tmp_path, monkeypatch):
+    model = load(checkpoint, tmp_path, "nf4")
+    store = model._qopt_offloaded
+    keys = store.layer_keys("model.decoder.layers.3.")
+    store.read_threads = 1
+    serial = store.read_keys(keys)
+    monkeypatch.setattr(offload_io, "_PARALLEL_BYTES", 0)  # the tiny layer is below the size that goes parallel
+    store.read_threads = 4
+    threads = set()
+    read = offload_io.read_exact
+    monkeypatch.setattr(offload_io, "read_exact", lambda *a, **k: (threads.add(threading.current_thread().name),
+                                                                     read(*a, **k))[1])
+    parallel = store.read_keys(keys)
+    assert list(parallel) == keys and all(torch.equal(serial[k], parallel[k]) for k in keys)
+    assert all(name.startswith("qopt-read") for name in threads) and store.reads[keys[0]] == 2
+    assert store.bytes_read == 2 * sum(store.nbytes(k) for k in keys)

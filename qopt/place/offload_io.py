@@ -32,6 +32,9 @@ from ..utils import DTYPES, dtype_name
 logger = logging.getLogger(__name__)
 PACKED_SUFFIX = ".cpu-packed"  # offload-folder key of a tensor in the CPU kernel's layout: f"{module}.{key}{suffix}"
 _ALIGN = 64  # tensors inside a shared buffer start at multiples of this, so any dtype view is aligned
+READ_THREADS = 4  # files of one layer read at once: a disk serves several requests faster than one (measured
+# here: 1 stream ~650 MiB/s, 4 streams ~1 GiB/s)
+_PARALLEL_BYTES = 1 << 20  # below this a layer's files are read one after the other
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -87,6 +90,8 @@ class OffloadStore(Mapping[str, torch.Tensor]):
         self.reads: Counter[str] = Counter()
         self.evict = False
         self.keep_cpu_layout = True  # off after a failed write (a full disk): rebuilds then repack as before
+        self.read_threads = READ_THREADS
+        self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
     # -- Mapping ---------------------------------------------------------------------------------------------
@@ -147,11 +152,16 @@ class OffloadStore(Mapping[str, torch.Tensor]):
         sizes = [_aligned(_nbytes(info)) for info in infos]
         if buffer is None or buffer.numel() < sum(sizes):
             buffer = torch.empty(sum(sizes), dtype=torch.uint8)
-        tensors, offset = {}, 0
-        for key, info, size in zip(keys, infos, sizes):
-            tensors[key] = self._read(key, info, buffer[offset:offset + size])
-            offset += size
-        return tensors
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        jobs = [(key, info, buffer[offset:offset + size]) for key, info, offset, size in zip(keys, infos, offsets, sizes)]
+        if self.read_threads > 1 and len(jobs) > 1 and sum(sizes) >= _PARALLEL_BYTES:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="qopt-read")
+            largest_first = sorted(jobs, key=lambda job: -job[2].numel())
+            done = dict(zip([job[0] for job in largest_first], self._pool.map(lambda job: self._read(*job),
+                                                                            largest_first)))
+            return {key: done[key] for key in keys}
+        return {key: self._read(key, info, part) for key, info, part in jobs}
 
     # -- the CPU layout cache --------------------------------------------------------------------------------
     def put_packed(self, module: str, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -166,6 +176,10 @@ class OffloadStore(Mapping[str, torch.Tensor]):
                 name = f"{module}.{key}{PACKED_SUFFIX}"
                 with open(os.path.join(self.save_folder, f"{name}.dat"), "wb") as file:
                     file.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+                    if self.evict:  # written pages are dirty until written back, and cannot be dropped before
+                        file.flush()
+                        os.fsync(file.fileno())
+                        os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
                 entries[name] = {"dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape)}
         except OSError as err:
             if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
