@@ -110,7 +110,7 @@ class OffloadStore(Mapping[str, torch.Tensor]):
 
     # -- reading ---------------------------------------------------------------------------------------------
     def _info(self, key: str) -> dict[str, Any]:
-        info = self.index.get(key) or self.packed.get(key)
+        info = self.index.get(key) or self.packed.get(key)  # dict lookups are atomic; only iteration needs the lock
         if info is None:
             raise KeyError(key)
         return info
@@ -130,13 +130,15 @@ class OffloadStore(Mapping[str, torch.Tensor]):
     def layer_keys(self, prefix: str) -> list[str]:
         """The keys a rebuild of the module at `prefix` (ending in ".") reads now: its standard tensors, except
         that 4-bit modules already kept in the CPU layout read that instead of their weight and statistics."""
+        with self._lock:  # a prefetch thread asks while the main thread may be adding a module's CPU layout
+            packed, modules = list(self.packed), set(self.packed_modules)
         keys = []
         for key in self.index:
             if key.startswith(prefix):
-                owner = owning_module(key, self.packed_modules)
+                owner = owning_module(key, modules)
                 if owner is None or cpu_layout_needs(key[len(owner) + 1:]):
                     keys.append(key)
-        return keys + [key for key in self.packed if key.startswith(prefix)]
+        return keys + [key for key in packed if key.startswith(prefix)]
 
     def layer_bytes(self, prefix: str) -> int:
         """Bytes one rebuild of the module at `prefix` reads now."""
@@ -190,8 +192,9 @@ class OffloadStore(Mapping[str, torch.Tensor]):
             for name in entries:
                 Path(self.save_folder, f"{name}.dat").unlink(missing_ok=True)
             return
-        self.packed.update(entries)
-        self.packed_modules.add(module)
+        with self._lock:
+            self.packed.update(entries)
+            self.packed_modules.add(module)
 
 
 def packed_key(module: str, key: str) -> str:
