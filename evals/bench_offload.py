@@ -203,6 +203,14 @@ def child(argv: list[str]) -> None:
 
 # -- the parent -------------------------------------------------------------------------------------------------
 def run_child(part: str, log: Path, **kwargs) -> dict:
+    """One measurement in a fresh process, appended to `log`; one already there (same part and settings) is
+    reused, so an interrupted run resumes where it stopped."""
+    if log.exists():
+        for line in log.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("part") == part and all(record.get(k) == v for k, v in kwargs.items()):
+                print(part, kwargs.get("which", ""), "(from the log)", flush=True)
+                return record
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     out = subprocess.run([sys.executable, __file__, "--child", part, json.dumps(kwargs)], capture_output=True,
