@@ -28,6 +28,8 @@ def add(sub: argparse._SubParsersAction) -> None:
                         "public-domain prose)")
     p.add_argument("--calibration-windows", type=int, default=128, help="random token windows to calibrate on")
     p.add_argument("--calibration-seqlen", type=int, help="tokens per window (default: the model's context)")
+    p.add_argument("--sensitivity-windows", type=int, default=16,
+                   help="random token windows the --budget sensitivity pass ranks the linears on")
     p.set_defaults(handler=run)
 
 
@@ -67,12 +69,17 @@ def _run(args: argparse.Namespace) -> int:
     if args.budget is not None:
         if quant.bits != 4:
             raise ValueError("--budget mixes 4-bit with --high-bits linears: use it with --bits 4")
-        plan = plan_for_checkpoint(path, args.budget, quant, args.high_bits, text=text,
-                                   seqlen=args.calibration_seqlen)
+        if args.sensitivity_windows < 1:
+            raise ValueError(f"--sensitivity-windows must be at least 1, got {args.sensitivity_windows}")
+        import torch
+
+        plan = plan_for_checkpoint(path, args.budget, quant, args.high_bits, text=text, sample=args.sensitivity_windows,
+                                   seqlen=args.calibration_seqlen, dtype=getattr(torch, args.dtype))
         quant = plan.quantization
         print(f"budget {format_bytes(plan.budget_bytes)}: {len(plan.promoted())} linears in {args.high_bits}-bit, "
               f"the rest in {quant.name}; model {format_bytes(plan.total_bytes)} "
-              f"(all 4-bit: {format_bytes(plan.all_4bit_bytes)})")
+              f"(all 4-bit: {format_bytes(plan.all_4bit_bytes)}, all {args.high_bits}-bit: "
+              f"{format_bytes(plan.all_high_bytes)})")
     if args.method == "rtn":
         layers, nbytes = quantize_checkpoint(path, args.output, quant, torch_dtype=args.dtype,
                                              max_shard_size=args.max_shard_size, overwrite=args.force)

@@ -34,6 +34,9 @@ def load_precision(path: str | os.PathLike, precision: str, placement: dict[str,
     """The model at `precision` (placed as `placement`, `qopt.load`'s device_map / max_memory / offload_folder
     say), with `adapter` applied; a calibrated one is calibrated here (its time counts as load time)."""
     placement = placement or {}
+    stored = _stored_quantization(path)
+    if stored is not None and precision == stored.label:
+        precision = stored.name  # a mixed checkpoint loads as saved: its base preset restates the format
     preset, calibrated = split_calibrated(precision)
     if precision in UNQUANTIZED:
         model = load(path, torch_dtype=UNQUANTIZED[precision], progress=False, **placement)
@@ -48,10 +51,16 @@ def load_precision(path: str | os.PathLike, precision: str, placement: dict[str,
     return model
 
 
-def stored_precision(path: str | os.PathLike) -> str | None:
-    """The preset name of a pre-quantized checkpoint ("nf4", ...); None for a float one."""
+def _stored_quantization(path: str | os.PathLike) -> QuantizationConfig | None:
     data = OPTConfig.from_pretrained(path).quantization_config
-    return QuantizationConfig.from_dict(data, f"{path}: quantization_config").name if data else None
+    return QuantizationConfig.from_dict(data, f"{path}: quantization_config") if data else None
+
+
+def stored_precision(path: str | os.PathLike) -> str | None:
+    """What a pre-quantized checkpoint is measured as: its preset ("nf4", ...), or "nf4+int8 mixed" for a
+    mixed-width one (a mixed model is not its base preset); None for a float one."""
+    stored = _stored_quantization(path)
+    return stored.label if stored else None
 
 
 def _environment() -> dict[str, Any]:
@@ -60,13 +69,13 @@ def _environment() -> dict[str, Any]:
             "python": platform.python_version(), "machine": platform.machine(), "threads": torch.get_num_threads()}
 
 
-def _run_order(precisions: Sequence[str], reference: bool) -> list[str]:
+def _run_order(precisions: Sequence[str], reference: bool, stored: str | None = None) -> list[str]:
     """Unquantized first so references exist before what they judge; bf16 is added if a quantized one needs it."""
     names = list(dict.fromkeys(precisions))
     if not names:
         raise ValueError("precisions: expected at least one precision")
     for name in names:
-        if name not in UNQUANTIZED:  # an unknown name fails here, before any model is loaded
+        if name not in UNQUANTIZED and name != stored:  # an unknown name fails here, before any model is loaded
             QuantizationConfig.from_name(split_calibrated(name)[0])
     if reference and any(p not in UNQUANTIZED for p in names) and QUANTIZED_COMPUTE not in names:
         names.append(QUANTIZED_COMPUTE)
@@ -84,8 +93,8 @@ def compare_precisions(model_path: str | os.PathLike, precisions: Sequence[str] 
     against fp32 when fp32 is in the list; a reference model stays loaded only while something still needs it.
     `placement` (device_map, max_memory, offload_folder) and `adapter` apply to every precision alike.
     """
-    order = _run_order(precisions, reference)
     stored = stored_precision(model_path)
+    order = _run_order(precisions, reference, stored)
     if stored is not None and order != [stored]:
         raise ValueError(f"{model_path} is already quantized ({stored}): it can be measured only as {stored}, "
                          f"without references (compare precisions on its float checkpoint)")

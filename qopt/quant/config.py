@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from ..model.network import decoder_layer_index
 from ..utils import DTYPES
 from .formats import BLOCKSIZE
 from .presets import PRESETS
@@ -68,6 +69,22 @@ class QuantizationConfig:
         if self.load_in_8bit:
             return "int8"
         return self.bnb_4bit_quant_type + ("-dq" if self.bnb_4bit_use_double_quant else "")
+
+    @property
+    def mixed_widths(self) -> list[int]:
+        """Widths other than `bits` that decoder-layer linears have (empty for a single-width model; 16-bit heads
+        and OPT-350M's 16-bit project_in / project_out do not make a model mixed)."""
+        widths = {bits for name, bits in self.module_bits.items() if decoder_layer_index(name) is not None}
+        if any(decoder_layer_index(name) is not None for name in self.llm_int8_skip_modules or ()):
+            widths.add(16)
+        return sorted(widths - {self.bits})
+
+    @property
+    def label(self) -> str:
+        """What tables call the stored format: `name`, or "nf4+int8 mixed" when decoder linears differ in width
+        (the bits/param columns then say what the mix costs)."""
+        others = ["int8" if bits == 8 else f"{bits}-bit" for bits in self.mixed_widths]
+        return "+".join([self.name, *others]) + " mixed" if others else self.name
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "QuantizationConfig":
