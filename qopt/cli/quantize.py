@@ -6,6 +6,9 @@ import argparse
 from .common import DEFAULT_MODEL_HELP, add_output, add_parser, add_precision, model_path, preset
 
 
+API_FLAGS = {"overwrite=True": "--force"}  # library argument -> this command's flag, in error messages
+
+
 def add(sub: argparse._SubParsersAction) -> None:
     p = add_parser(sub, "quantize", "write a pre-quantized checkpoint (bitsandbytes layout, loads in "
                                     "transformers too)")
@@ -41,18 +44,11 @@ def _quantize_preset(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import OutputError
     from ..io.outputs import check_output_folder
-
-    try:  # before any work: a wrong --out fails in a second, and the input is never written
-        check_output_folder(args.output, [model_path(args.model)], overwrite=args.force)
-        return _run(args)
-    except OutputError as err:
-        raise err.spelled("--force") from None
-
-
-def _run(args: argparse.Namespace) -> int:
     from ..utils import format_bytes
+
+    # before any work: a wrong --output fails in a second, and the input is never written
+    check_output_folder(args.output, [model_path(args.model)], overwrite=args.force)
 
     if args.method == "rtn" and args.budget is None:
         return _quantize_rtn(args)
