@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from ..bundled import data_dir
 from ..errors import CheckpointError
 from ..io.checkpoint import CheckpointFiles, inspect_checkpoint, iter_shard_tensors, normalize_key
+from ..io.hub import checkpoint_folder
 from ..io.outputs import check_output_folder
 from ..loading.loader import AUXILIARY_FILES
 from ..loading.saving import save_model
@@ -255,7 +256,8 @@ def calibrate(source: str | os.PathLike | OPTForCausalLM, windows: torch.Tensor 
         _cast_unquantized(model, config.dtype, skip_layers=True)  # as a streamed skeleton has them
         model.model.decoder.layers.float()
     else:
-        model, reader = _skeleton(Path(source), config.dtype)
+        model, reader = _skeleton(checkpoint_folder(source, progress=progress), config.dtype)
+        model.name_or_path = os.fspath(source)  # a Hub id stays one: adapters check their base by it
     model.eval()
     if windows is None:
         windows = calibration_windows(seqlen=min(model.config.max_position_embeddings, 2048))
@@ -297,6 +299,7 @@ def calibrate_checkpoint(path: str | os.PathLike, out: str | os.PathLike, config
     `out` may not overlap the source, and replaces an existing model only with `overwrite=True`.
     """
     check_output_folder(out, [path], overwrite=overwrite)
+    path = checkpoint_folder(path, progress=progress)  # a Hub id: downloaded into the HF cache once
     seqlen = seqlen or min(OPTConfig.from_pretrained(path).max_position_embeddings, 2048)
     windows = calibration_windows(text, count=count, seqlen=seqlen, seed=seed)
     model, report = calibrate(path, windows, config, progress=progress)

@@ -19,6 +19,7 @@ from torch import nn
 from .. import __version__
 from ..calibration.layerwise import CalibrationConfig, calibrate
 from ..finetuning.adapters import load_adapter
+from ..io.hub import checkpoint_folder
 from ..loading.loader import load
 from ..model.config import OPTConfig
 from ..model.tokenizer import own_tokenizer
@@ -93,6 +94,7 @@ def compare_precisions(model_path: str | os.PathLike, precisions: Sequence[str] 
     against fp32 when fp32 is in the list; a reference model stays loaded only while something still needs it.
     `placement` (device_map, max_memory, offload_folder) and `adapter` apply to every precision alike.
     """
+    requested_model, model_path = str(model_path), checkpoint_folder(model_path, progress=progress)  # Hub id: once
     stored = stored_precision(model_path)
     order = _run_order(precisions, reference, stored)
     if stored is not None and order != [stored]:
@@ -108,7 +110,7 @@ def compare_precisions(model_path: str | os.PathLike, precisions: Sequence[str] 
         print(describe_windows(int(ids.numel()), seqlen, stride, max_windows), flush=True)
     refs_needed = {p: reference_for(p, order) if reference else None for p in order}
     loaded: dict[str, nn.Module] = {}
-    report = ComparisonReport(str(model_path), {"precisions": list(order), "seqlen": seqlen, "stride": stride,
+    report = ComparisonReport(requested_model, {"precisions": list(order), "seqlen": seqlen, "stride": stride,
                                                 "windows": max_windows, "reference": reference},
                               int(ids.numel()), len(windows), sum(w.scored for w in windows),
                               environment=_environment())

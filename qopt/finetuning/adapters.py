@@ -18,6 +18,7 @@ from torch import nn
 from ..errors import AdapterError
 from ..io.atomic import atomic_write_text, publish_folder, staging_folder
 from ..io.checkpoint import ADAPTER_BIN, ADAPTER_CONFIG, ADAPTER_WEIGHTS, write_safetensors_shards
+from ..io.hub import model_name
 from .lora import (ALL_LINEAR, LoraConfig, ModulesToSave, adapter_biases, adapter_set, add_lora, bias_parameters,
                    delete_adapter, lora_layers, set_adapter_biases, task_type_of)
 
@@ -168,6 +169,12 @@ def write_adapter_files(folder: Path, config: LoraConfig, state: dict[str, torch
     write_safetensors_shards(state, folder, max_shard_size=2**62, prefix=ADAPTER_WEIGHTS.removesuffix(".safetensors"))
 
 
+def _base_name(name_or_path: str) -> str:
+    """The last part of a base model's name: a Hub id, a local folder and the HF cache's snapshot folder of the
+    same repo (…/models--facebook--opt-125m/snapshots/<commit>) all give "opt-125m"."""
+    return Path(model_name(str(name_or_path)).rstrip("/")).name.lower()
+
+
 def _check_base(model: nn.Module, config: LoraConfig, source: str) -> None:
     """Refuse what is known to belong to another base: the task, or a differently named base model."""
     task = task_type_of(model)
@@ -176,7 +183,7 @@ def _check_base(model: nn.Module, config: LoraConfig, source: str) -> None:
                            f"{type(model).__name__} ({task})")
     ours = getattr(model, "name_or_path", None)
     theirs = config.base_model_name_or_path
-    if ours and theirs and Path(str(ours).rstrip("/")).name.lower() != Path(theirs.rstrip("/")).name.lower():
+    if ours and theirs and _base_name(ours) != _base_name(theirs):
         raise AdapterError(f"{source}: made for base model {theirs!r}, this model is {ours!r} "
                            f"(pass check_base=False if they are the same weights)")
 
