@@ -431,6 +431,15 @@ def test_adapters_made_for_a_hub_id_match_their_base_by_id_or_cached_folder(hub,
         qopt.load_adapter(qopt.load(elsewhere, progress=False), tmp_path / "adapter")
 
 
+def test_finetune_by_hub_id_names_the_id_as_the_adapters_base(hub, tmp_path):
+    data = tmp_path / "train.txt"
+    data.write_text("the, to and of a in. " * 400)  # common words: token ids below the tiny vocabulary's 1000
+    args = qopt.TrainingArguments(str(tmp_path / "adapter"), max_steps=1, batch_size=2, progress=False)
+    qopt.finetune(REPO, data, args, qopt.LoraConfig(r=2, target_modules=["q_proj"]), block_size=16)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == REPO
+
+
 def test_calibration_reads_a_hub_model_from_the_cache(hub, tmp_path):
     model, report = qopt.calibrate(REPO, torch.randint(3, 1000, (2, 16)), qopt.CalibrationConfig(quantization="nf4"),
                                    progress=False)

@@ -35,7 +35,8 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help: str, **kwargs: 
 
 
 def model_path(path: str | None) -> str:
-    """The MODEL argument; none means the model that ships with qopt."""
+    """The MODEL argument: a folder or a Hub id, which the library resolves (HF cache first, then the Hub, with
+    --revision / --no-keep-download where the command has them); none means the model that ships with qopt."""
     from ..bundled import bundled_model_dir
 
     return path if path else str(bundled_model_dir())
