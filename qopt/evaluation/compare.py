@@ -9,7 +9,7 @@ import gc
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import bitsandbytes
@@ -87,12 +87,14 @@ def compare_precisions(model_path: str | os.PathLike, precisions: Sequence[str] 
                        seqlen: int | None = None, max_windows: int | None = None, stride: int | None = None,
                        tokenizer: Any = None, reference: bool = True, text: str | None = None,
                        progress: bool = True, placement: dict[str, Any] | None = None,
-                       adapter: str | os.PathLike | None = None) -> ComparisonReport:
+                       adapter: str | os.PathLike | None = None,
+                       on_model: Callable[[str, nn.Module], None] | None = None) -> ComparisonReport:
     """Load `model_path` at each precision and measure it; see the module docstring for what a row holds.
 
     With `reference`, every quantized precision is judged against bf16 (added if missing) and bf16 / fp16
     against fp32 when fp32 is in the list; a reference model stays loaded only while something still needs it.
     `placement` (device_map, max_memory, offload_folder) and `adapter` apply to every precision alike.
+    `on_model(precision, model)` is called with each model after its measurement (the gate hashes its state).
     """
     requested_model, model_path = str(model_path), checkpoint_folder(model_path, progress=progress)  # Hub id: once
     stored = stored_precision(model_path)
@@ -122,6 +124,8 @@ def compare_precisions(model_path: str | os.PathLike, precisions: Sequence[str] 
         result = evaluate_ids(model, ids, seqlen, stride, max_windows, progress,
                               reference=loaded.get(ref_name) if ref_name else None, desc=precision)
         foot = weight_footprint(model)  # after the evaluation: 4-bit layers are in their repacked state
+        if on_model is not None:
+            on_model(precision, model)
         row = PrecisionRow(precision, result.ppl, result.nll, result.seconds, load_seconds, foot.bytes,
                            foot.params, foot.bits_per_param, foot.linear_bits_per_param, kl=result.kl,
                            top1=result.top1)
