@@ -17,7 +17,6 @@ from qopt.io.checkpoint import inspect_checkpoint
 from qopt.loading.consumers import check_model_folder
 from qopt.model.network import input_device
 from tests.conftest import make_hf_model
-from tests.test_quantization import PRESETS
 
 DEVICE = os.environ.get("QOPT_GPU_TEST_DEVICE", "cuda")
 GPU = 0 if DEVICE == "cuda" else "cpu"  # the device map's name for the device under test
@@ -151,7 +150,8 @@ def test_save_after_gpu_use_is_byte_identical(fp16, tmp_path, name):
     for file in ("model.safetensors", "config.json"):
         assert (tmp_path / "before" / file).read_bytes() == (tmp_path / "after" / file).read_bytes()
     # and the GPU wrote exactly the CPU-quantized bytes it read
-    assert (tmp_path / "before" / "model.safetensors").read_bytes() == (tmp_path / "q" / "model.safetensors").read_bytes()
+    source = (tmp_path / "q" / "model.safetensors").read_bytes()
+    assert (tmp_path / "before" / "model.safetensors").read_bytes() == source
 
 
 def test_calibration_of_one_layer_on_gpu(tmp_path):
@@ -173,7 +173,8 @@ def test_calibration_of_one_layer_on_gpu(tmp_path):
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="measures the CUDA caching allocator")
 def test_plan_gpu_figure_matches_the_allocation_after_a_load(tmp_path):
-    make_hf_model(hidden_size=512, ffn_dim=2048, num_hidden_layers=4, num_attention_heads=8).half().save_pretrained(tmp_path / "m")
+    model = make_hf_model(hidden_size=512, ffn_dim=2048, num_hidden_layers=4, num_attention_heads=8)
+    model.half().save_pretrained(tmp_path / "m")
     planned = qopt.plan(tmp_path / "m", 4, {0: "20GiB", "cpu": "20GiB"}, context=64)
     assert set(planned.device_map.values()) == {0}
     torch.cuda.synchronize()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .common import add_parser
 
-CONSUMERS = ("vllm", "transformers", "peft")  # the same names as qopt.loading.consumers.CONSUMERS (torch-free here)
+CONSUMERS = ("vllm", "transformers", "peft")  # whose loaders `qopt check` knows
 
 
 def add(sub: argparse._SubParsersAction) -> None:

@@ -18,16 +18,17 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import QoptError
-from ..io.checkpoint import ADAPTER_BIN, ADAPTER_CONFIG, ADAPTER_WEIGHTS, SAFE_INDEX, SAFE_WEIGHTS, TensorInfo, \
-    inspect_checkpoint, normalize_key
+from ..io.checkpoint import (ADAPTER_BIN, ADAPTER_CONFIG, ADAPTER_WEIGHTS, SAFE_INDEX, SAFE_WEIGHTS, TensorInfo,
+                             inspect_checkpoint, normalize_key)
 from ..model.config import CONFIG_NAME, OPTConfig
 from ..model.network import decoder_layer_index
 from ..place.sizes import meta_model
@@ -35,7 +36,6 @@ from ..quant.config import HEADS, VLLM_FUSED, QuantizationConfig
 from ..quant.formats import QUANT_TYPES_4BIT, SAVED_INT8_KEYS, saved_4bit_keys
 from ..utils import FLOAT_DTYPES
 
-CONSUMERS = ("vllm", "transformers", "peft")
 _STATE_KEY = "weight.quant_state.bitsandbytes__"
 
 
@@ -284,8 +284,8 @@ def _tensors(m: SavedModel, consumer: str) -> Finding:
 def _qkv_split(m: SavedModel, consumer: str) -> Finding:
     fused = next((k for k in m.tensors if any(f".{f}." in k for f in VLLM_FUSED)), None)
     if fused:
-        return Finding("qkv-split", False, f"{fused}: q/k/v must be stored as separate q_proj/k_proj/v_proj "
-                                           f"({'vLLM fuses them itself' if consumer == 'vllm' else 'OPT has no fused module'})")
+        why = "vLLM fuses them itself" if consumer == "vllm" else "OPT has no fused module"
+        return Finding("qkv-split", False, f"{fused}: q/k/v must be stored as separate q_proj/k_proj/v_proj ({why})")
     if consumer == "vllm":
         for i in range(m.opt.num_hidden_layers):
             parts = [f"model.decoder.layers.{i}.self_attn.{p}" for p in VLLM_FUSED["qkv_proj"]]
