@@ -17,7 +17,8 @@ from torch import nn
 
 from ..errors import AdapterError
 from ..io.atomic import atomic_write_text, publish_folder, staging_folder
-from ..io.checkpoint import ADAPTER_BIN, ADAPTER_CONFIG, ADAPTER_WEIGHTS, write_safetensors_shards
+from ..io.checkpoint import (ADAPTER_BIN, ADAPTER_CONFIG, ADAPTER_WEIGHTS, BIN_INDEX, BIN_WEIGHTS, SAFE_INDEX,
+                             SAFE_WEIGHTS, write_safetensors_shards)
 from ..io.hub import model_name
 from .lora import (ALL_LINEAR, LoraConfig, ModulesToSave, adapter_biases, adapter_set, add_lora, bias_parameters,
                    delete_adapter, lora_layers, set_adapter_biases, task_type_of)
@@ -157,10 +158,19 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str 
     name = adapter_name or adapters.active
     state = adapter_state_dict(model, name)
     folder = Path(folder)
+    refuse_model_folder(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = staging_folder(folder)
     write_adapter_files(tmp, adapters.configs[name], state)
     publish_folder(tmp, folder)
+
+
+def refuse_model_folder(folder: Path) -> None:
+    """An adapter never goes into a model folder: the save would replace the model's weights, and loaders that
+    find an adapter beside a model read it too (vLLM's bitsandbytes loader, transformers)."""
+    weights = next((n for n in (SAFE_WEIGHTS, SAFE_INDEX, BIN_WEIGHTS, BIN_INDEX) if (folder / n).exists()), None)
+    if weights and (folder / "config.json").is_file():
+        raise AdapterError(f"{folder}: holds a model (config.json + {weights}); save the adapter to its own folder")
 
 
 def write_adapter_files(folder: Path, config: LoraConfig, state: dict[str, torch.Tensor]) -> None:
