@@ -27,6 +27,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("MemoryPlan", "plan"), "place.plan"),
     **dict.fromkeys(("load", "quantize_checkpoint"), "loading.loader"),
     **dict.fromkeys(("GenerationConfig", "generate", "generate_text"), "generation.decoding"),
+    "generate_many": "generation.throughput",
     **dict.fromkeys(("TextIteratorStreamer", "TextStreamer", "stream_generate"), "generation.streamers"),
     **dict.fromkeys(("LoraConfig", "add_lora", "delete_adapter", "disable_adapters", "merge_and_unload",
                      "set_adapter", "unload"), "finetuning.lora"),
@@ -90,6 +91,7 @@ if TYPE_CHECKING:  # what static tools see; at run time the names arrive through
     from .finetuning.trainer import TrainingArguments, train
     from .generation.decoding import GenerationConfig, generate, generate_text
     from .generation.streamers import TextIteratorStreamer, TextStreamer, stream_generate
+    from .generation.throughput import generate_many
     from .loading.loader import load, quantize_checkpoint
     from .model.cache import KVCache
     from .model.config import OPTConfig

@@ -23,6 +23,11 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strategy", choices=("auto", "balanced", "balanced_low_0", "sequential"), default="auto",
                    help="how layers spread over the GPUs (accelerate's device-map strategies)")
     add_hub(p)
+    p.add_argument("--read-bandwidth", metavar="RATE",
+                   help="disk read rate for the time estimates of offloaded layers, e.g. 2GB/s (default: measured "
+                        "in --offload-folder when the plan needs disk)")
+    p.add_argument("--offload-folder", metavar="DIR", help="where offloaded layers would live (default: the temp "
+                                                           "folder); the read rate is measured there")
     p.set_defaults(handler=run)
 
 
@@ -35,6 +40,15 @@ def run(args: argparse.Namespace) -> int:
         args.model = resolve_model(args.model, revision=args.revision)
     elif args.revision is not None:
         raise ValueError(f"--revision applies to a Hub id (org/name), not to {args.model}")
+    rate = None
+    if args.read_bandwidth:
+        from ..place.bandwidth import parse_rate
+
+        try:
+            rate = parse_rate(args.read_bandwidth)
+        except ValueError:
+            raise ValueError(f"--read-bandwidth {args.read_bandwidth}: expected a positive rate such as 2GB/s or "
+                             "500MiB/s") from None
     memory: dict[int | str, str | int] = {i: size for i, size in enumerate(args.gpu or [])}
     if args.cpu is not None:
         memory["cpu"] = args.cpu
@@ -46,5 +60,16 @@ def run(args: argparse.Namespace) -> int:
         from ..place.download_plan import download_plan
 
         print(download_plan(args.model, result, args.keep_download).format_text())
+    if "disk" in map(str, result.device_map.values()):
+        if rate:
+            result.read_bandwidth, result.bandwidth_source = rate, "given"
+        else:
+            import tempfile
+
+            from ..place.bandwidth import measure_read_bandwidth
+
+            folder = args.offload_folder or tempfile.gettempdir()
+            result.read_bandwidth = measure_read_bandwidth(folder)
+            result.bandwidth_source = f"measured in {folder}"
     print(result.format())
     return 0 if result.loadable else 1

@@ -73,6 +73,8 @@ class MemoryPlan:
     activation_bytes: int = 0  # on each device that runs layers
     parameters: int = 0
     strategy: str = "auto"
+    read_bandwidth: float | None = None  # bytes/s of the disk under the offload folder, for time estimates
+    bandwidth_source: str = ""  # how it was obtained ("measured in /tmp", "given")
 
     @property
     def main_device(self) -> str:
@@ -140,6 +142,7 @@ class MemoryPlan:
                              f"{format_bytes(self.kv_cache_bytes.get(dev, 0)):>12s} {format_bytes(act):>12s} "
                              f"{format_bytes(self.used_bytes(dev)):>12s}")
         lines.append("device map: " + "; ".join(summarize(self.device_map)))
+        lines += self.disk_read_lines()
         over = [dev for dev, limit in self.limits.items() if self.used_bytes(dev) > limit]
         if over:
             lines.append(f"over the limit: {', '.join(over)} (with the KV cache and activations of the layers "
@@ -148,6 +151,23 @@ class MemoryPlan:
         if self.loadable:
             lines.append(f"load with: {self.flags()}")
         return "\n".join(lines)
+
+
+    def disk_read_lines(self) -> list[str]:
+        """What the offloaded layers cost in reads: every decode step and every layer-streamed evaluation pass
+        reads each of them once (a window-major evaluation, once per window), with times at `read_bandwidth`."""
+        disk = self.weight_bytes.get("disk", 0)
+        if not disk:
+            return []
+        lines = [f"disk reads: {format_bytes(disk)} per generated token (one decode step; in throughput mode "
+                 f"shared by every prompt of the step), {format_bytes(disk)} per layer-streamed evaluation pass "
+                 f"(window-major: per window)"]
+        if self.read_bandwidth:
+            seconds = disk / self.read_bandwidth
+            lines.append(f"read time at {format_bytes(self.read_bandwidth)}/s ({self.bandwidth_source}): "
+                         f"{seconds:.2f} s per generated token, {seconds:.2f} s per evaluation pass "
+                         f"(at least; prefetch hides compute behind the reads)")
+        return lines
 
 
 def plan(source: OPTConfig | str | os.PathLike, bits: int = 4, max_memory: dict[Any, Any] | None = None,
