@@ -115,6 +115,10 @@ def placement(args: argparse.Namespace) -> dict[str, Any]:
     device_map = args.device_map
     if device_map is None:
         device_map = "auto" if torch.cuda.is_available() else None
+        from ..place.ranks import local_rank, world_size
+
+        if device_map == "auto" and world_size() > 1:  # torchrun / accelerate launch: a whole copy per rank
+            device_map = f"cuda:{local_rank()}"
     elif device_map not in DEVICE_MAPS[:4] and device_map not in ("cpu", "cuda") \
             and not (device_map.startswith("cuda:") and device_map[5:].isdigit()):
         raise ValueError(f"--device-map {device_map!r}: expected one of {', '.join(DEVICE_MAPS)}")

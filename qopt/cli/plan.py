@@ -19,7 +19,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cpu", metavar="SIZE",
                    help="CPU memory for weights, e.g. 64GiB; 0 for none (default: what this machine has free)")
     p.add_argument("--context", type=int, default=2048, help="tokens per sequence held in the KV cache")
-    p.add_argument("--batch", type=int, default=1, help="sequences decoded at once")
+    p.add_argument("--batch", type=int, help="sequences decoded at once (default 1; --finetune: rows per step, "
+                   "default 4)")
     p.add_argument("--strategy", choices=("auto", "balanced", "balanced_low_0", "sequential"), default="auto",
                    help="how layers spread over the GPUs (accelerate's device-map strategies)")
     add_hub(p)
@@ -28,10 +29,33 @@ def add(sub: argparse._SubParsersAction) -> None:
                         "in --offload-folder when the plan needs disk)")
     p.add_argument("--offload-folder", metavar="DIR", help="where offloaded layers would live (default: the temp "
                                                            "folder); the read rate is measured there")
+    f = p.add_argument_group("fine-tuning (--finetune)")
+    f.add_argument("--finetune", action="store_true", help="plan a LoRA / QLoRA fine-tune instead of inference: "
+                   "weights, adapter, gradients, optimizer state, activations, host RAM during the load")
+    f.add_argument("--machine", choices=("colab-t4", "rtx-24gb", "cpu"), default="cpu",
+                   help="colab-t4: 15 GiB GPU without bf16, 12.7 GiB RAM; rtx-24gb: 24 GiB GPU, bf16, 32 GiB "
+                        "RAM; cpu: this machine's RAM (--gpu / --cpu override the sizes)")
+    f.add_argument("--seq", type=int, default=256, help="tokens per training sequence (qopt finetune's "
+                   "--block-size)")
+    f.add_argument("--r", type=int, default=8, help="LoRA rank")
+    f.add_argument("--target-modules", nargs="+", default=["q_proj", "v_proj"],
+                   help="module names, or 'all-linear'")
+    f.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter's input")
+    f.add_argument("--optimizer", choices=("adamw", "adamw8bit", "paged_adamw8bit"), default="adamw",
+                   help="AdamW with fp32 states, or bitsandbytes' 8-bit states")
+    f.add_argument("--no-gradient-checkpointing", action="store_true", help="keep every layer's activations")
+    f.add_argument("--compute-dtype", choices=("bfloat16", "float16", "float32"),
+                   help="dtype of the quantized matmuls (default: bfloat16, float16 on a GPU without bf16)")
+    f.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="float32",
+                   help="dtype the base is loaded in (qopt finetune's --dtype)")
+    f.add_argument("--shard-size", metavar="SIZE", help="largest checkpoint file (default: a folder's own, else "
+                   "10GB, the Hub's OPT shards)")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.finetune:
+        return run_finetune(args)
     from ..place.device_map import normalize_max_memory
     from ..io.hub import is_hub_id, resolve_model
     from ..place.plan import plan
@@ -54,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         memory["cpu"] = args.cpu
     elif memory:  # GPUs given without --cpu: this machine's free RAM, as a load here would have
         memory["cpu"] = normalize_max_memory(None).get("cpu", 0)
-    result = plan(args.model, args.bits, memory or None, args.context, args.batch, quant_type=args.quant_type,
+    result = plan(args.model, args.bits, memory or None, args.context, args.batch or 1, quant_type=args.quant_type,
                   double_quant=args.double_quant, strategy=args.strategy)
     if not isinstance(args.model, str):
         from ..place.download_plan import download_plan
@@ -73,3 +97,18 @@ def run(args: argparse.Namespace) -> int:
             result.bandwidth_source = f"measured in {folder}"
     print(result.format())
     return 0 if result.loadable else 1
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from ..finetuning.plan import plan_finetune
+
+    if args.gpu and len(args.gpu) > 1:
+        raise ValueError("--finetune plans one device per process: give one --gpu")
+    targets = "all-linear" if args.target_modules == ["all-linear"] else args.target_modules
+    result = plan_finetune(args.model, machine=args.machine, gpu=args.gpu[0] if args.gpu else None, host=args.cpu,
+                           bits=args.bits, quant_type=args.quant_type, double_quant=args.double_quant, r=args.r,
+                           target_modules=targets, lora_dropout=args.lora_dropout, optimizer=args.optimizer,
+                           batch=args.batch or 4, seq=args.seq, gradient_checkpointing=not args.no_gradient_checkpointing,
+                           compute_dtype=args.compute_dtype, load_dtype=args.dtype, shard_size=args.shard_size)
+    print(result.format())
+    return 0 if result.fits else 1

@@ -20,7 +20,7 @@ from .lora import LoraConfig
 
 # TrainingArguments fields that change the trained weights.
 RESULT_SETTINGS = ("learning_rate", "lr_scheduler", "warmup_steps", "optimizer", "weight_decay", "max_grad_norm",
-                   "bf16", "seed", "batch_size", "gradient_accumulation_steps")
+                   "bf16", "fp16", "seed", "batch_size", "gradient_accumulation_steps")
 # LoraConfig fields that change the adapter (task_type and base_model_name_or_path follow from the model).
 LORA_SETTINGS = ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "modules_to_save", "use_rslora",
                  "init_lora_weights")

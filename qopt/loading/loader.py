@@ -30,6 +30,7 @@ from ..model.network import LAYER_PREFIX, OPTForCausalLM, OPTModel, OPTPreTraine
 from ..place.device_map import device_of, infer_device_map, summarize
 from ..place.offload import OffloadFolder, attach_disk_hooks, check_offloadable
 from ..place.plan import DeviceMap
+from ..place.ranks import check_one_device_per_rank
 from ..place.sizes import format_bytes, meta_model, placed_bytes
 from ..quant.config import QuantizationConfig
 from ..quant.modules import bits_of, is_quantized, owning_module, quantize_weight, saved_keys, set_quantized_state
@@ -127,6 +128,7 @@ def load(path: str | os.PathLike, *, quantization: Any = None, quantization_conf
                                                 config, str(path))
     dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config, _computes_on_cpu(device_map))
     model = meta_model(config, quant, model_class)
+    check_one_device_per_rank(device_map)
     placement = infer_device_map(model, dtype, device_map, max_memory)
     check_devices_exist(placement, str(path))
     check_offloadable(placement)
