@@ -108,7 +108,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     result = plan_finetune(args.model, machine=args.machine, gpu=args.gpu[0] if args.gpu else None, host=args.cpu,
                            bits=args.bits, quant_type=args.quant_type, double_quant=args.double_quant, r=args.r,
                            target_modules=targets, lora_dropout=args.lora_dropout, optimizer=args.optimizer,
-                           batch=args.batch or 4, seq=args.seq, gradient_checkpointing=not args.no_gradient_checkpointing,
+                           batch=args.batch or 4, seq=args.seq,
+                           gradient_checkpointing=not args.no_gradient_checkpointing,
                            compute_dtype=args.compute_dtype, load_dtype=args.dtype, shard_size=args.shard_size)
     print(result.format())
     return 0 if result.fits else 1

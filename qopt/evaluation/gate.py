@@ -1,6 +1,7 @@
 """The perplexity regression gate: a baseline run, what it allows, and the verdict on a re-run.
 
-A baseline (format 2, `write_baseline`) is the JSON report of one `compare_precisions` run (qopt.evaluation.report) plus:
+A baseline (format 2, `write_baseline`) is the JSON report of one `compare_precisions` run
+(qopt.evaluation.report) plus:
 
 - `files`: sha256 of the evaluation text and of the tokenizer files. A re-run on other files is not comparable
   (`NotComparable`, exit 2 from the CLI); the same files giving other token or window counts is a regression.
@@ -132,7 +133,8 @@ class Tolerance:
         given = {k: v for k, v in given.items() if v is not None}
         if not given:
             return self
-        return Tolerance(replace(self.default, **given), {p: replace(lim, **given) for p, lim in self.precisions.items()},
+        return Tolerance(replace(self.default, **given),
+                         {p: replace(lim, **given) for p, lim in self.precisions.items()},
                          self.max_gap_ratio)
 
     @classmethod
@@ -234,7 +236,8 @@ class Measurement:
 def measure(model_path: str | os.PathLike, precisions: Sequence[str], seqlen: int | None = None,
             max_windows: int | None = None, stride: int | None = None, reference: bool = True,
             progress: bool = True, **options: Any) -> Measurement:
-    """`compare_precisions` (`options`: placement, adapter) with each model's digests taken after its evaluation, and the data files' hashes."""
+    """`compare_precisions` (`options`: placement, adapter) with each model's digests taken after its
+    evaluation, and the data files' hashes."""
     digests: dict[str, dict[str, str]] = {}
     report = compare_precisions(model_path, precisions, seqlen, max_windows, stride, reference=reference,
                                 progress=progress, on_model=lambda p, m: digests.__setitem__(p, state_digests(m)),
