@@ -16,6 +16,8 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("AdapterError", "CheckpointError", "ConfigError", "GenerationError", "NumericsError",
                      "PlanError", "QoptError", "TokenizerError"), "errors"),
+    **dict.fromkeys(("DownloadError", "HubAccessError", "HubError", "HubOfflineError"), "errors"),
+    "resolve_model": "io.hub", "download_plan": "place.download_plan",
     "OPTConfig": "model.config", "KVCache": "model.cache", "OPTTokenizer": "model.tokenizer",
     **dict.fromkeys(("OPTModel", "OPTForCausalLM", "OPTForSequenceClassification", "OPTForQuestionAnswering"),
                     "model.network"),
@@ -75,7 +77,10 @@ if TYPE_CHECKING:  # what static tools see; at run time the names arrive through
     from .calibration.sensitivity import choose_precision, layer_sensitivity, plan_for_checkpoint
     from .errors import (AdapterError, CheckpointError, ConfigError, GenerationError, NumericsError, PlanError,
                          QoptError, TokenizerError)
+    from .errors import DownloadError, HubAccessError, HubError, HubOfflineError
     from .evaluation.compare import compare_precisions
+    from .io.hub import resolve_model
+    from .place.download_plan import download_plan
     from .evaluation.footprint import weight_footprint
     from .evaluation.perplexity import PerplexityResult, evaluate_perplexity
     from .evaluation.report import ComparisonReport

@@ -54,6 +54,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--eval-batches", type=int, help="cap on evaluation batches")
     t.add_argument("--seed", type=int, default=0, help="seeds data order, dropout and initialisation")
     t.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass")
+    t.add_argument("--fp16", action="store_true", help="float16 autocast and compute with loss scaling, for GPUs "
+                   "without bfloat16 (e.g. a T4)")
     t.add_argument("--no-gradient-checkpointing", action="store_true",
                    help="keep activations instead of recomputing them (faster, more memory)")
     t.add_argument("--no-resume", action="store_true", help="start over even if OUTPUT has a "
@@ -63,15 +65,6 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import ResumeError
-
-    try:
-        return _run(args)
-    except ResumeError as err:  # the library names resume=False; a CLI user needs the flag
-        raise err.spelled("--no-resume") from None
-
-
-def _run(args: argparse.Namespace) -> int:
     from ..finetuning.lora import ALL_LINEAR, LoraConfig
     from ..finetuning.recipe import finetune
     from ..finetuning.trainer import TrainingArguments
@@ -85,7 +78,7 @@ def _run(args: argparse.Namespace) -> int:
         gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, lr_scheduler=args.scheduler,
         warmup_steps=args.warmup, optimizer=args.optimizer, weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm or None, save_steps=args.save_steps, eval_steps=args.eval_steps,
-        eval_batches=args.eval_batches, seed=args.seed, bf16=args.bf16, resume=not args.no_resume,
+        eval_batches=args.eval_batches, seed=args.seed, bf16=args.bf16, fp16=args.fp16, resume=not args.no_resume,
         progress=not args.no_progress)
     result = finetune(model_path(args.model), args.data, training, lora, task=args.task,
                       eval_data=args.eval_data, eval_fraction=args.eval_fraction, quantization=preset(args),

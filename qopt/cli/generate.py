@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import DEFAULT_MODEL_HELP, add_parser, add_placement, add_precision, model_path, placement, preset
+from .common import (DEFAULT_MODEL_HELP, add_hub, add_parser, add_placement, add_precision, hub_options, model_path,
+                     placement, preset)
 
 
 API_FLAGS = {"max_new_tokens": "--max-new-tokens", "num_beams": "--num-beams"}  # library argument -> this flag
@@ -28,6 +29,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="divide repeated tokens' scores by this")
     g.add_argument("--seed", type=int, help="makes sampling reproducible")
     g.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    add_hub(p)
     m = p.add_argument_group("many prompts (each offloaded layer read once per decode step for all of them)")
     m.add_argument("--prompts-file", metavar="FILE",
                    help="prompts, one per line (or JSON lines with a \"prompt\" field, for a .jsonl file)")
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"expected [MODEL] PROMPT, got {len(args.words)} arguments; quote the prompt")
     path = model_path(args.words[0] if len(args.words) == 2 else None)
     quantization = preset(args)
-    model = qopt.load(path, quantization=quantization, progress=False, **placement(args))
+    model = qopt.load(path, quantization=quantization, progress=False, **placement(args), **hub_options(args))
     if args.adapter:
         qopt.load_adapter(model, args.adapter)
     tokenizer = tokenizer_for(path)

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_parser
+from .common import add_hub, add_parser
 
 
 def add(sub: argparse._SubParsersAction) -> None:
     p = add_parser(sub, "plan", "memory plan (weights per device, KV cache, activations, device map) from a "
                                 "config alone, before any weight is read; exit 1 if the model cannot load")
-    p.add_argument("model", help="config.json, checkpoint folder, or a size name such as opt-30b")
+    p.add_argument("model", help="config.json, checkpoint folder, a Hub id such as facebook/opt-1.3b (metadata only: "
+                                 "config, index, shard headers), or a built-in size name such as opt-30b")
     p.add_argument("--bits", type=int, choices=(4, 8, 16), default=4, help="weight width of the linear layers")
     p.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4", help="4-bit format")
     p.add_argument("--double-quant", action="store_true", help="4-bit: quantize the absmax statistics too")
@@ -18,21 +19,51 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cpu", metavar="SIZE",
                    help="CPU memory for weights, e.g. 64GiB; 0 for none (default: what this machine has free)")
     p.add_argument("--context", type=int, default=2048, help="tokens per sequence held in the KV cache")
-    p.add_argument("--batch", type=int, default=1, help="sequences decoded at once")
+    p.add_argument("--batch", type=int, help="sequences decoded at once (default 1; --finetune: rows per step, "
+                   "default 4)")
     p.add_argument("--strategy", choices=("auto", "balanced", "balanced_low_0", "sequential"), default="auto",
                    help="how layers spread over the GPUs (accelerate's device-map strategies)")
+    add_hub(p)
     p.add_argument("--read-bandwidth", metavar="RATE",
                    help="disk read rate for the time estimates of offloaded layers, e.g. 2GB/s (default: measured "
                         "in --offload-folder when the plan needs disk)")
     p.add_argument("--offload-folder", metavar="DIR", help="where offloaded layers would live (default: the temp "
                                                            "folder); the read rate is measured there")
+    f = p.add_argument_group("fine-tuning (--finetune)")
+    f.add_argument("--finetune", action="store_true", help="plan a LoRA / QLoRA fine-tune instead of inference: "
+                   "weights, adapter, gradients, optimizer state, activations, host RAM during the load")
+    f.add_argument("--machine", choices=("colab-t4", "rtx-24gb", "cpu"), default="cpu",
+                   help="colab-t4: 15 GiB GPU without bf16, 12.7 GiB RAM; rtx-24gb: 24 GiB GPU, bf16, 32 GiB "
+                        "RAM; cpu: this machine's RAM (--gpu / --cpu override the sizes)")
+    f.add_argument("--seq", type=int, default=256, help="tokens per training sequence (qopt finetune's "
+                   "--block-size)")
+    f.add_argument("--r", type=int, default=8, help="LoRA rank")
+    f.add_argument("--target-modules", nargs="+", default=["q_proj", "v_proj"],
+                   help="module names, or 'all-linear'")
+    f.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter's input")
+    f.add_argument("--optimizer", choices=("adamw", "adamw8bit", "paged_adamw8bit"), default="adamw",
+                   help="AdamW with fp32 states, or bitsandbytes' 8-bit states")
+    f.add_argument("--no-gradient-checkpointing", action="store_true", help="keep every layer's activations")
+    f.add_argument("--compute-dtype", choices=("bfloat16", "float16", "float32"),
+                   help="dtype of the quantized matmuls (default: bfloat16, float16 on a GPU without bf16)")
+    f.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="float32",
+                   help="dtype the base is loaded in (qopt finetune's --dtype)")
+    f.add_argument("--shard-size", metavar="SIZE", help="largest checkpoint file (default: a folder's own, else "
+                   "10GB, the Hub's OPT shards)")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.finetune:
+        return run_finetune(args)
     from ..place.device_map import normalize_max_memory
+    from ..io.hub import is_hub_id, resolve_model
     from ..place.plan import plan
 
+    if "/" in args.model and is_hub_id(args.model):  # org/name: from the cache or the Hub, metadata only
+        args.model = resolve_model(args.model, revision=args.revision)
+    elif args.revision is not None:
+        raise ValueError(f"--revision applies to a Hub id (org/name), not to {args.model}")
     rate = None
     if args.read_bandwidth:
         from ..place.bandwidth import parse_rate
@@ -47,8 +78,12 @@ def run(args: argparse.Namespace) -> int:
         memory["cpu"] = args.cpu
     elif memory:  # GPUs given without --cpu: this machine's free RAM, as a load here would have
         memory["cpu"] = normalize_max_memory(None).get("cpu", 0)
-    result = plan(args.model, args.bits, memory or None, args.context, args.batch, quant_type=args.quant_type,
+    result = plan(args.model, args.bits, memory or None, args.context, args.batch or 1, quant_type=args.quant_type,
                   double_quant=args.double_quant, strategy=args.strategy)
+    if not isinstance(args.model, str):
+        from ..place.download_plan import download_plan
+
+        print(download_plan(args.model, result, args.keep_download).format_text())
     if "disk" in map(str, result.device_map.values()):
         if rate:
             result.read_bandwidth, result.bandwidth_source = rate, "given"
@@ -62,3 +97,19 @@ def run(args: argparse.Namespace) -> int:
             result.bandwidth_source = f"measured in {folder}"
     print(result.format())
     return 0 if result.loadable else 1
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from ..finetuning.plan import plan_finetune
+
+    if args.gpu and len(args.gpu) > 1:
+        raise ValueError("--finetune plans one device per process: give one --gpu")
+    targets = "all-linear" if args.target_modules == ["all-linear"] else args.target_modules
+    result = plan_finetune(args.model, machine=args.machine, gpu=args.gpu[0] if args.gpu else None, host=args.cpu,
+                           bits=args.bits, quant_type=args.quant_type, double_quant=args.double_quant, r=args.r,
+                           target_modules=targets, lora_dropout=args.lora_dropout, optimizer=args.optimizer,
+                           batch=args.batch or 4, seq=args.seq,
+                           gradient_checkpointing=not args.no_gradient_checkpointing,
+                           compute_dtype=args.compute_dtype, load_dtype=args.dtype, shard_size=args.shard_size)
+    print(result.format())
+    return 0 if result.fits else 1

@@ -9,7 +9,7 @@ import gc
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import bitsandbytes
@@ -19,6 +19,7 @@ from torch import nn
 from .. import __version__
 from ..calibration.layerwise import CalibrationConfig, calibrate
 from ..finetuning.adapters import load_adapter
+from ..io.hub import checkpoint_folder
 from ..loading.loader import load
 from ..model.config import OPTConfig
 from ..model.tokenizer import own_tokenizer
@@ -34,6 +35,9 @@ def load_precision(path: str | os.PathLike, precision: str, placement: dict[str,
     """The model at `precision` (placed as `placement`, `qopt.load`'s device_map / max_memory / offload_folder
     say), with `adapter` applied; a calibrated one is calibrated here (its time counts as load time)."""
     placement = placement or {}
+    stored = _stored_quantization(path)
+    if stored is not None and precision == stored.label:
+        precision = stored.name  # a mixed checkpoint loads as saved: its base preset restates the format
     preset, calibrated = split_calibrated(precision)
     if precision in UNQUANTIZED:
         model = load(path, torch_dtype=UNQUANTIZED[precision], progress=False, **placement)
@@ -48,10 +52,16 @@ def load_precision(path: str | os.PathLike, precision: str, placement: dict[str,
     return model
 
 
-def stored_precision(path: str | os.PathLike) -> str | None:
-    """The preset name of a pre-quantized checkpoint ("nf4", ...); None for a float one."""
+def _stored_quantization(path: str | os.PathLike) -> QuantizationConfig | None:
     data = OPTConfig.from_pretrained(path).quantization_config
-    return QuantizationConfig.from_dict(data, f"{path}: quantization_config").name if data else None
+    return QuantizationConfig.from_dict(data, f"{path}: quantization_config") if data else None
+
+
+def stored_precision(path: str | os.PathLike) -> str | None:
+    """What a pre-quantized checkpoint is measured as: its preset ("nf4", ...), or "nf4+int8 mixed" for a
+    mixed-width one (a mixed model is not its base preset); None for a float one."""
+    stored = _stored_quantization(path)
+    return stored.label if stored else None
 
 
 def _environment() -> dict[str, Any]:
@@ -60,13 +70,13 @@ def _environment() -> dict[str, Any]:
             "python": platform.python_version(), "machine": platform.machine(), "threads": torch.get_num_threads()}
 
 
-def _run_order(precisions: Sequence[str], reference: bool) -> list[str]:
+def _run_order(precisions: Sequence[str], reference: bool, stored: str | None = None) -> list[str]:
     """Unquantized first so references exist before what they judge; bf16 is added if a quantized one needs it."""
     names = list(dict.fromkeys(precisions))
     if not names:
         raise ValueError("precisions: expected at least one precision")
     for name in names:
-        if name not in UNQUANTIZED:  # an unknown name fails here, before any model is loaded
+        if name not in UNQUANTIZED and name != stored:  # an unknown name fails here, before any model is loaded
             QuantizationConfig.from_name(split_calibrated(name)[0])
     if reference and any(p not in UNQUANTIZED for p in names) and QUANTIZED_COMPUTE not in names:
         names.append(QUANTIZED_COMPUTE)
@@ -77,15 +87,18 @@ def compare_precisions(model_path: str | os.PathLike, precisions: Sequence[str] 
                        seqlen: int | None = None, max_windows: int | None = None, stride: int | None = None,
                        tokenizer: Any = None, reference: bool = True, text: str | None = None,
                        progress: bool = True, placement: dict[str, Any] | None = None,
-                       adapter: str | os.PathLike | None = None) -> ComparisonReport:
+                       adapter: str | os.PathLike | None = None,
+                       on_model: Callable[[str, nn.Module], None] | None = None) -> ComparisonReport:
     """Load `model_path` at each precision and measure it; see the module docstring for what a row holds.
 
     With `reference`, every quantized precision is judged against bf16 (added if missing) and bf16 / fp16
     against fp32 when fp32 is in the list; a reference model stays loaded only while something still needs it.
     `placement` (device_map, max_memory, offload_folder) and `adapter` apply to every precision alike.
+    `on_model(precision, model)` is called with each model after its measurement (the gate hashes its state).
     """
-    order = _run_order(precisions, reference)
+    requested_model, model_path = str(model_path), checkpoint_folder(model_path, progress=progress)  # Hub id: once
     stored = stored_precision(model_path)
+    order = _run_order(precisions, reference, stored)
     if stored is not None and order != [stored]:
         raise ValueError(f"{model_path} is already quantized ({stored}): it can be measured only as {stored}, "
                          f"without references (compare precisions on its float checkpoint)")
@@ -99,7 +112,7 @@ def compare_precisions(model_path: str | os.PathLike, precisions: Sequence[str] 
         print(describe_windows(int(ids.numel()), seqlen, stride, max_windows), flush=True)
     refs_needed = {p: reference_for(p, order) if reference else None for p in order}
     loaded: dict[str, nn.Module] = {}
-    report = ComparisonReport(str(model_path), {"precisions": list(order), "seqlen": seqlen, "stride": stride,
+    report = ComparisonReport(requested_model, {"precisions": list(order), "seqlen": seqlen, "stride": stride,
                                                 "windows": max_windows, "reference": reference},
                               int(ids.numel()), len(windows), sum(w.scored for w in windows),
                               environment=_environment())
@@ -111,6 +124,8 @@ def compare_precisions(model_path: str | os.PathLike, precisions: Sequence[str] 
         result = evaluate_ids(model, ids, seqlen, stride, max_windows, progress,
                               reference=loaded.get(ref_name) if ref_name else None, desc=precision)
         foot = weight_footprint(model)  # after the evaluation: 4-bit layers are in their repacked state
+        if on_model is not None:
+            on_model(precision, model)
         row = PrecisionRow(precision, result.ppl, result.nll, result.seconds, load_seconds, foot.bytes,
                            foot.params, foot.bits_per_param, foot.linear_bits_per_param, kl=result.kl,
                            top1=result.top1)

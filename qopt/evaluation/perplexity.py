@@ -164,6 +164,15 @@ class _Totals:
                 self.top1 += (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item()
             self.count += target.shape[0]
 
+    def result(self, windows: int, seconds: float, total_tokens: int, seqlen: int, stride: int | None,
+               compared: bool, **extra: Any) -> "PerplexityResult":
+        """The means, once, as the result both the window-major and the layer-major loops return."""
+        nll = self.nll / self.count
+        return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=self.count, windows=windows, seconds=seconds,
+                                total_tokens=total_tokens, seqlen=seqlen, stride=seqlen if stride is None else stride,
+                                kl=self.kl / self.count if compared else None,
+                                top1=self.top1 / self.count if compared else None, **extra)
+
 
 def _forward_fn(model: Callable[..., Any]) -> Callable[[torch.Tensor], torch.Tensor]:
     """Logits of one (1, L) window; use_cache=False where the model takes it (no KV cache is needed)."""
@@ -252,13 +261,7 @@ def evaluate_ids(model: Any, ids: torch.Tensor, seqlen: int | None = None, strid
         for m, mode in zip(models, was_training):
             if hasattr(m, "train"):
                 m.train(mode)
-    nll = totals.nll / totals.count
-    compared = reference is not None
-    return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=totals.count, windows=len(windows),
-                            seconds=seconds, total_tokens=int(ids.numel()), seqlen=seqlen,
-                            stride=seqlen if stride is None else stride,
-                            kl=totals.kl / totals.count if compared else None,
-                            top1=totals.top1 / totals.count if compared else None)
+    return totals.result(len(windows), seconds, int(ids.numel()), seqlen, stride, reference is not None)
 
 
 def describe_windows(total_tokens: int, seqlen: int, stride: int | None = None,

@@ -116,10 +116,5 @@ def evaluate_streamed(model: Any, ids: torch.Tensor, windows: Sequence[Window], 
         hidden.close()
         if ref_hidden is not None:
             ref_hidden.close()
-    nll = totals.nll / totals.count
-    compared = reference is not None
-    return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=totals.count, windows=len(windows),
-                            seconds=seconds, total_tokens=int(ids.numel()), seqlen=seqlen,
-                            stride=seqlen if stride is None else stride,
-                            kl=totals.kl / totals.count if compared else None,
-                            top1=totals.top1 / totals.count if compared else None, streaming=info)
+    return totals.result(len(windows), seconds, int(ids.numel()), seqlen, stride, reference is not None,
+                         streaming=info)

@@ -15,11 +15,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ..io.hub import cached_folder
 from .lora import LoraConfig
 
 # TrainingArguments fields that change the trained weights.
 RESULT_SETTINGS = ("learning_rate", "lr_scheduler", "warmup_steps", "optimizer", "weight_decay", "max_grad_norm",
-                   "bf16", "seed", "batch_size", "gradient_accumulation_steps")
+                   "bf16", "fp16", "seed", "batch_size", "gradient_accumulation_steps")
 # LoraConfig fields that change the adapter (task_type and base_model_name_or_path follow from the model).
 LORA_SETTINGS = ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "modules_to_save", "use_rslora",
                  "init_lora_weights")
@@ -45,7 +46,7 @@ def base_fingerprint(name_or_path: str | os.PathLike | None, config: dict[str, A
     """The base model's folder name, resolved path and config.json (or `config` for a model built in memory)."""
     if name_or_path is None:
         return {"name": None, "path": None, "config": config}
-    path = Path(name_or_path)
+    path = cached_folder(name_or_path) or Path(name_or_path)  # a Hub id: its snapshot (a new commit is a new base)
     file = path / "config.json"
     if file.is_file():
         config = json.loads(file.read_text(encoding="utf-8"))

@@ -3,6 +3,7 @@ adapter and trained on a text or JSONL file by `qopt.finetuning.trainer`.
 """
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -12,11 +13,14 @@ import torch
 from accelerate.utils import set_seed
 from torch import nn
 
+from ..io.hub import resolve_model
 from ..io.outputs import check_output_folder
 from ..loading.loader import load
 from ..model.config import OPTConfig
 from ..model.network import OPTForCausalLM, OPTForSequenceClassification
 from ..model.tokenizer import tokenizer_for
+from ..place.ranks import check_one_device_per_rank
+from ..quant.config import QuantizationConfig
 from .data import classification_dataset, lm_dataset
 from .fingerprint import base_fingerprint, data_fingerprint, run_fingerprint
 from .lora import LoraConfig, add_lora
@@ -38,6 +42,14 @@ def prepare_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool
         enable_input_require_grads(model)
         model.gradient_checkpointing_enable()
     return model
+
+
+def fp16_compute(quantization: Any) -> QuantizationConfig:
+    """The quantization with float16 compute: fp16 training is for GPUs without bfloat16 (T4), where the
+    quantized matmuls must not run in bfloat16 either."""
+    config = copy.deepcopy(QuantizationConfig.coerce(quantization))
+    config.bnb_4bit_compute_dtype = torch.float16
+    return config
 
 
 def enable_input_require_grads(model: nn.Module) -> None:
@@ -68,7 +80,8 @@ def finetune(model_path: str | Path, data: str | Path, args: TrainingArguments, 
     if task not in TASKS:
         raise ValueError(f"task {task!r}: expected one of {TASKS}")
     check_output_folder(args.output_dir, [model_path], adapter=True)  # before any work
-    config = OPTConfig.from_pretrained(model_path)
+    check_one_device_per_rank(device_map)  # under torchrun: one device per rank
+    config = OPTConfig.from_pretrained(resolve_model(model_path).folder)  # a Hub id: its config from the cache
     block_size = block_size or min(256, config.max_position_embeddings)
     max_length = max_length or config.max_position_embeddings
     length = block_size if task == "causal-lm" else max_length
@@ -99,7 +112,7 @@ def finetune(model_path: str | Path, data: str | Path, args: TrainingArguments, 
         train_set, eval_set = train_set.split(eval_fraction)
     set_seed(args.seed)
     if quantization:
-        overrides["quantization"] = quantization
+        overrides["quantization"] = fp16_compute(quantization) if args.fp16 else quantization
     model = load(model_path, model_class=model_class, torch_dtype=torch_dtype, progress=args.progress,
                  device_map=device_map, max_memory=max_memory, offload_folder=offload_folder, **overrides)
     if quantization:

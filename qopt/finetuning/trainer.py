@@ -67,6 +67,7 @@ class TrainingArguments:
     eval_batches: int | None = None  # cap on evaluation batches (None: the whole eval set)
     seed: int = 0
     bf16: bool = False  # autocast the forward to bfloat16 (adapters and optimizer stay fp32)
+    fp16: bool = False  # autocast to float16 with loss scaling (GPUs without bfloat16, e.g. T4)
     resume: bool = True  # continue from output_dir/checkpoint when one is there
     progress: bool = True
 
@@ -81,6 +82,8 @@ class TrainingArguments:
         for name in ("warmup_steps", "save_steps", "eval_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.bf16 and self.fp16:
+            raise ValueError("bf16 and fp16 are exclusive: choose one 16-bit autocast dtype")
 
 
 @dataclass
@@ -99,6 +102,7 @@ class TrainResult:
     processes: int = 1
     is_main_process: bool = True  # under torchrun every process returns a result; one of them reports
     already_done: bool = False  # the output folder held a finished run: nothing was trained
+    skipped_steps: int = 0  # fp16: updates the loss scaler skipped for inf / NaN gradients
 
     def summary(self) -> str:
         last = self.evals[-1] if self.evals else {}
@@ -106,6 +110,8 @@ class TrainResult:
             return f"already done (step {self.steps} of {self.steps}), final loss {self.losses[-1]:.4f}"
         evals = ", ".join(f"eval {k} {v:.4g}" for k, v in last.items() if k != "step")
         cuda = f", CUDA max allocated {format_bytes(self.cuda_peak_bytes)}" if self.cuda_peak_bytes else ""
+        if self.skipped_steps:
+            cuda += f"; {self.skipped_steps} updates skipped by the fp16 loss scaler (inf / NaN gradients)"
         return (f"{self.steps} steps, final loss {self.losses[-1]:.4f}{', ' + evals if evals else ''}; "
                 f"trainable {self.trainable_parameters:,} of {self.total_parameters:,} parameters "
                 f"({100 * self.trainable_parameters / max(1, self.total_parameters):.2f}%); "
@@ -191,8 +197,22 @@ def _predicted_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((labels[:, 1:] != -100).sum())
 
 
-def _autocast(accelerator: Accelerator, bf16: bool) -> Any:
-    return torch.autocast(accelerator.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+def _autocast(accelerator: Accelerator, bf16: bool | torch.dtype | None) -> Any:
+    """True (bf16) or a 16-bit dtype: autocast the forward to it; False / None: no autocast."""
+    dtype = torch.bfloat16 if bf16 is True else bf16 or None
+    return torch.autocast(accelerator.device.type, dtype=dtype) if dtype else nullcontext()
+
+
+def autocast_dtype(args: TrainingArguments) -> torch.dtype | None:
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+
+
+def make_grad_scaler(args: TrainingArguments, device_type: str) -> torch.amp.GradScaler:
+    """Loss scaling for fp16: float16 gradients underflow to zero below 6e-8, so the loss is multiplied up
+    before backward and the gradients divided back before the update; a step whose gradients hold inf / NaN is
+    skipped and the scale halved. Disabled (a pass-through) otherwise. torch's own scaler rather than
+    accelerate's, which sets none up on a CPU."""
+    return torch.amp.GradScaler(device_type, enabled=args.fp16)
 
 
 # -- data order ---------------------------------------------------------------------------------------------
@@ -365,12 +385,16 @@ def train(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, args: 
         logger.info("resuming from %s at step %d", checkpoint_dir, resumed_from)
     if rng is not None:
         _set_rng_state(rng)
+    scaler = make_grad_scaler(args, accelerator.device.type)
+    if "grad_scaler" in state:  # fp16: the loss scale a resumed run continues from
+        scaler.load_state_dict(state["grad_scaler"])
 
     bar = tqdm(total=args.max_steps, initial=state["step"], desc="Fine-tuning", unit="step",
                disable=not (args.progress and accelerator.is_local_main_process))
 
     def run_eval() -> None:
-        result = {"step": state["step"], **evaluate(wrapped, eval_loader, accelerator, args.bf16, args.eval_batches)}
+        result = {"step": state["step"], **evaluate(wrapped, eval_loader, accelerator, autocast_dtype(args),
+                                                    args.eval_batches)}
         state["evals"].append(result)
         if accelerator.is_main_process:
             bar.write("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
@@ -391,16 +415,22 @@ def train(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, args: 
             state["batches_in_epoch"] += 1
             syncing = micro % accum == 0
             with accelerator.no_sync(wrapped) if not syncing else nullcontext():
-                with _autocast(accelerator, args.bf16):
+                with _autocast(accelerator, autocast_dtype(args)):
                     loss = wrapped(**batch).loss
-                accelerator.backward(loss / accum)
+                accelerator.backward(scaler.scale(loss / accum))
             step_loss += loss.item() / accum
             tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
             if not syncing:
                 continue
+            scaler.unscale_(optimizer)  # clipping sees true gradients
             if args.max_grad_norm:
                 accelerator.clip_grad_norm_(params, args.max_grad_norm)
-            optimizer.step()
+            scale = scaler.get_scale()
+            scaler.step(optimizer)  # skipped when a gradient is inf / NaN
+            scaler.update()
+            if scaler.is_enabled():
+                state["skipped_steps"] = state.get("skipped_steps", 0) + (scaler.get_scale() < scale)
+                state["grad_scaler"] = scaler.state_dict()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             mean_loss = accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "mean").item()
@@ -431,7 +461,8 @@ def train(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, args: 
         cuda_peak_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         resumed_from=resumed_from, output_dir=str(output), processes=accelerator.num_processes,
         is_main_process=accelerator.is_main_process,
-        already_done=resumed_from is not None and resumed_from >= args.max_steps)
+        already_done=resumed_from is not None and resumed_from >= args.max_steps,
+        skipped_steps=state.get("skipped_steps", 0))
     if accelerator.is_main_process:
         save_adapter(model, output)
         atomic_write_text(output / TRAINING_LOG, json.dumps(asdict(result), indent=1) + "\n")

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..bundled import data_dir
 from ..errors import ConfigError
+from ..io.hub import ModelSource, is_hub_id, resolve_model
 from ..model.config import OPTConfig
 from ..model.network import decoder_layer_index, is_decoder_layer
 from ..quant.config import QuantizationConfig
@@ -26,10 +27,15 @@ from .sizes import DeviceMap, activation_bytes, kv_cache_bytes_per_layer, meta_m
 
 
 # -- configs by name ------------------------------------------------------------------------------------------
-def config_for(source: OPTConfig | str | os.PathLike) -> tuple[OPTConfig, str]:
-    """(config, label) from an OPTConfig, a checkpoint folder / config.json, or a size name like "opt-30b"."""
+def config_for(source: OPTConfig | ModelSource | str | os.PathLike) -> tuple[OPTConfig, str]:
+    """(config, label) from an OPTConfig, a checkpoint folder / config.json, a Hub id (`org/name`: its
+    config.json from the HF cache or the Hub), or a size name like "opt-30b" (qopt's built-in shapes)."""
     if isinstance(source, OPTConfig):
         return source, "config"
+    if isinstance(source, str) and "/" in source and is_hub_id(source):
+        source = resolve_model(source)
+    if isinstance(source, ModelSource):
+        return OPTConfig.from_pretrained(source.folder), source.label
     path = Path(source)
     if path.exists():
         return OPTConfig.from_pretrained(path), str(path)

@@ -1,0 +1,121 @@
+"""`qopt plan --finetune` against measured peaks: the load and the training phase of the qopt.finetune path.
+
+Usage:  python evals/validate_finetune_plan.py [--runs 3] [--steps 4] [--only 125m]
+
+For each setting (shape, batch x seq, gradient checkpointing, LoRA rank) a fresh process loads a random
+OPT-125M- or OPT-350M-shaped checkpoint (bf16 safetensors, written here by qopt) in NF4 as `qopt.finetune`
+does (float32 for what stays unquantized, bf16 compute), prepares it for k-bit training, adds LoRA on q_proj /
+v_proj and runs `qopt.finetuning.trainer.train` for a few steps with AdamW. Peak RSS is VmHWM minus the RSS
+after the imports (docs/design.md, "Measuring memory"); the peak is reset through /proc/self/clear_refs after
+the load, so the load and the training phase are measured apart in one process. Printed: a markdown table of
+the plan's figures against the median of `--runs` processes (with their spread) and the error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+SETTINGS = [  # shape, batch, seq, gradient checkpointing, r
+    ("125m", 4, 128, True, 8), ("125m", 4, 128, False, 8), ("125m", 2, 256, True, 16), ("125m", 8, 64, False, 8),
+    ("350m", 2, 128, True, 8), ("350m", 2, 128, False, 8), ("350m", 4, 128, True, 16)]
+MiB = 2**20
+
+
+def kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def child(folder: str, batch: int, seq: int, checkpointing: bool, r: int, steps: int, out: str) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    import accelerate  # noqa: F401  (imported before the baseline, as the trainer would)
+    import bitsandbytes  # noqa: F401
+
+    import qopt
+    from qopt.finetuning.data import LMBlocks
+    from qopt.finetuning.lora import LoraConfig, add_lora
+    from qopt.finetuning.recipe import prepare_for_kbit_training
+    from qopt.finetuning.trainer import TrainingArguments, train
+
+    base = kib("VmRSS")
+    model = qopt.load(folder, quantization="nf4", torch_dtype=None, progress=False)
+    load_peak = kib("VmHWM") - base
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: the training phase's own peak from here
+    prepare_for_kbit_training(model, checkpointing)
+    add_lora(model, LoraConfig(r=r, lora_alpha=2 * r))
+    blocks = torch.randint(3, 50000, (batch * (steps + 1), seq), generator=torch.Generator().manual_seed(0))
+    train(model, LMBlocks(blocks), None, TrainingArguments(out, max_steps=steps, batch_size=batch, progress=False))
+    return {"load": load_peak * 1024, "train": (kib("VmHWM") - base) * 1024}
+
+
+def write_checkpoint(size: str, folder: Path) -> None:
+    import torch
+
+    import qopt
+    from qopt.place.plan import config_for
+
+    torch.manual_seed(0)
+    model = qopt.OPTForCausalLM(config_for(f"opt-{size}")[0])
+    model.init_weights()
+    model.to(torch.bfloat16).config.torch_dtype = "bfloat16"
+    model.save_pretrained(folder)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--only", help="one shape: 125m or 350m")
+    ap.add_argument("--json", help="also write every run's measurements and the plan's figures here")
+    ap.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        folder, batch, seq, gc, r, steps, out = args.child
+        print(json.dumps(child(folder, int(batch), int(seq), gc == "1", int(r), int(steps), out)))
+        return
+    from qopt.finetuning.plan import plan_finetune
+
+    settings = [s for s in SETTINGS if not args.only or s[0] == args.only]
+    records = []
+    print("| shape | batch x seq | checkpointing | r | load: plan | load: measured | error | training: plan | "
+          "training: measured | error |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape in dict.fromkeys(s[0] for s in settings):
+            folder = Path(tmp) / shape
+            write_checkpoint(shape, folder)
+            for _, batch, seq, gc, r in [s for s in settings if s[0] == shape]:
+                plan = plan_finetune(folder, machine="cpu", r=r, batch=batch, seq=seq, gradient_checkpointing=gc)
+                runs = []
+                for i in range(args.runs):
+                    out = subprocess.run([sys.executable, __file__, "--child", str(folder), str(batch), str(seq),
+                                          "1" if gc else "0", str(r), str(args.steps),
+                                          f"{tmp}/out-{shape}-{batch}x{seq}-{gc}-{r}-{i}"],
+                                         capture_output=True, text=True, check=True)
+                    runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                cells = []
+                for phase, predicted in (("load", plan.host_load_peak), ("train", plan.sizes.total)):
+                    values = [run[phase] for run in runs]
+                    median = statistics.median(values)
+                    spread = (max(values) - min(values)) / MiB
+                    cells += [f"{predicted / MiB:.0f} MiB", f"{median / MiB:.0f} MiB ({spread:.0f})",
+                              f"{100 * (predicted - median) / median:+.1f}%"]
+                print(f"| {shape} | {batch} x {seq} | {'on' if gc else 'off'} | {r} | {' | '.join(cells)} |",
+                      flush=True)
+                records.append({"shape": shape, "batch": batch, "seq": seq, "checkpointing": gc, "r": r,
+                                "runs": runs, "plan_load": plan.host_load_peak, "plan_train": plan.sizes.total})
+    if args.json:
+        Path(args.json).write_text(json.dumps(records, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
