@@ -70,49 +70,65 @@ def write_checkpoint(size: str, folder: Path) -> None:
     model.save_pretrained(folder)
 
 
+def table_row(record: dict, plan: object) -> str:
+    """One markdown row: the plan's load and training peaks against the median of the measured runs."""
+    cells = []
+    for phase, predicted in (("load", plan.host_load_peak), ("train", plan.sizes.total)):
+        values = [run[phase] for run in record["runs"]]
+        median = statistics.median(values)
+        spread = (max(values) - min(values)) / MiB
+        cells += [f"{predicted / MiB:.0f} MiB", f"{median / MiB:.0f} MiB ({spread:.0f})",
+                  f"{100 * (predicted - median) / median:+.1f}%"]
+    return (f"| {record['shape']} | {record['batch']} x {record['seq']} | "
+            f"{'on' if record['checkpointing'] else 'off'} | {record['r']} | {' | '.join(cells)} |")
+
+
+def plan_for(record: dict, folder: Path | None = None) -> object:
+    from qopt.finetuning.plan import plan_finetune
+
+    source = folder or f"opt-{record['shape']}"
+    return plan_finetune(source, machine="cpu", r=record["r"], batch=record["batch"], seq=record["seq"],
+                         gradient_checkpointing=record["checkpointing"], shard_size=record.get("shard_bytes"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--only", help="one shape: 125m or 350m")
-    ap.add_argument("--json", help="also write every run's measurements and the plan's figures here")
+    ap.add_argument("--json", help="also write every run's measurements here")
+    ap.add_argument("--from-json", help="print the table for measurements saved by --json, with the plan as it is "
+                                        "now (no new runs)")
     ap.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         folder, batch, seq, gc, r, steps, out = args.child
         print(json.dumps(child(folder, int(batch), int(seq), gc == "1", int(r), int(steps), out)))
         return
-    from qopt.finetuning.plan import plan_finetune
-
-    settings = [s for s in SETTINGS if not args.only or s[0] == args.only]
-    records = []
     print("| shape | batch x seq | checkpointing | r | load: plan | load: measured | error | training: plan | "
           "training: measured | error |")
     print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
+    if args.from_json:
+        for record in json.loads(Path(args.from_json).read_text()):
+            print(table_row(record, plan_for(record)))
+        return
+    settings = [s for s in SETTINGS if not args.only or s[0] == args.only]
+    records = []
     with tempfile.TemporaryDirectory() as tmp:
         for shape in dict.fromkeys(s[0] for s in settings):
             folder = Path(tmp) / shape
             write_checkpoint(shape, folder)
             for _, batch, seq, gc, r in [s for s in settings if s[0] == shape]:
-                plan = plan_finetune(folder, machine="cpu", r=r, batch=batch, seq=seq, gradient_checkpointing=gc)
-                runs = []
+                record = {"shape": shape, "batch": batch, "seq": seq, "checkpointing": gc, "r": r, "runs": [],
+                          "shard_bytes": (folder / "model.safetensors").stat().st_size}
                 for i in range(args.runs):
                     out = subprocess.run([sys.executable, __file__, "--child", str(folder), str(batch), str(seq),
                                           "1" if gc else "0", str(r), str(args.steps),
                                           f"{tmp}/out-{shape}-{batch}x{seq}-{gc}-{r}-{i}"],
                                          capture_output=True, text=True, check=True)
-                    runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-                cells = []
-                for phase, predicted in (("load", plan.host_load_peak), ("train", plan.sizes.total)):
-                    values = [run[phase] for run in runs]
-                    median = statistics.median(values)
-                    spread = (max(values) - min(values)) / MiB
-                    cells += [f"{predicted / MiB:.0f} MiB", f"{median / MiB:.0f} MiB ({spread:.0f})",
-                              f"{100 * (predicted - median) / median:+.1f}%"]
-                print(f"| {shape} | {batch} x {seq} | {'on' if gc else 'off'} | {r} | {' | '.join(cells)} |",
-                      flush=True)
-                records.append({"shape": shape, "batch": batch, "seq": seq, "checkpointing": gc, "r": r,
-                                "runs": runs, "plan_load": plan.host_load_peak, "plan_train": plan.sizes.total})
+                    record["runs"].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                print(table_row(record, plan_for(record, folder)), flush=True)
+                records.append(record)
     if args.json:
         Path(args.json).write_text(json.dumps(records, indent=1) + "\n")
 

@@ -19,7 +19,7 @@ from typing import Any
 from .. import __version__
 from ..errors import QoptError
 
-COMMANDS = ("info", "eval", "finetune", "plan", "quantize", "generate")
+COMMANDS = ("info", "eval", "finetune", "merge", "plan", "quantize", "generate")
 _MODULES = {"eval": "evaluate"}  # command -> module where the names differ
 
 
