@@ -28,6 +28,8 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help="how the base was loaded for training (auto: from the adapter's qopt checkpoint, float "
                         "when there is none)")
     p.add_argument("--windows", type=int, default=40, help="WikiText-2 test windows to measure on")
+    p.add_argument("--eval-data", metavar="FILE", help="measure on this text instead of WikiText-2 test (e.g. held-"
+                   "out text of the adapter's own task)")
     p.add_argument("--calibration-data", metavar="FILE", help="calibrated: text to calibrate on (default: the "
                    "shipped sample)")
     p.add_argument("--calibration-windows", type=int, default=128, help="calibrated: token windows")
@@ -45,11 +47,13 @@ def run(args: argparse.Namespace) -> int:
     if args.windows < 1:
         raise ValueError(f"--windows must be at least 1, got {args.windows}")
     text = Path(args.calibration_data).read_text(encoding="utf-8") if args.calibration_data else None
+    eval_text = Path(args.eval_data).read_text(encoding="utf-8") if args.eval_data else None
     base_quantization = None if args.base_quantization == "none" else args.base_quantization
     result = merge_adapter(args.base, args.adapter, args.output, bits=args.bits, method=args.method,
                            quant_type=args.quant_type, double_quant=args.double_quant,
                            base_quantization=base_quantization, dtype=getattr(torch, args.dtype),
-                           windows=args.windows, calibration_text=text, calibration_count=args.calibration_windows,
+                           windows=args.windows, text=eval_text, calibration_text=text,
+                           calibration_count=args.calibration_windows,
                            overwrite=args.force, progress=not args.no_progress)
     print(result.summary())
     warning = result.quality.warning()

@@ -70,49 +70,67 @@ def _adapter_model(base: str | os.PathLike, adapter: str | os.PathLike, quantiza
     return model
 
 
-def merge_adapter(base: str | os.PathLike, adapter: str | os.PathLike, output: str | os.PathLike, *,
-                  bits: int = 16, method: str = "rtn", quant_type: str = "nf4", double_quant: bool = False,
-                  base_quantization: str | None = "auto", dtype: torch.dtype = torch.bfloat16, windows: int = 40,
-                  calibration_text: str | None = None, calibration_count: int = 128, overwrite: bool = False,
-                  progress: bool = True) -> MergeResult:
-    """Merge `adapter` into `base`, write the merged checkpoint to `output` and measure what it kept.
-
-    `base_quantization` is how the adapter's base was loaded for training ("auto": read from the adapter's
-    qopt checkpoint, float when there is none); `bits` 16 writes `dtype` weights, 8 / 4 re-quantize, by
-    round-to-nearest (`method="rtn"`) or GPTQ calibration of the merged float model (`"calibrated"`).
-    """
+def merged_model(base: str | os.PathLike, adapter: str | os.PathLike, *, bits: int = 16, method: str = "rtn",
+                 quant_type: str = "nf4", double_quant: bool = False, base_quantization: str | None = None,
+                 dtype: torch.dtype = torch.bfloat16, calibration_text: str | None = None,
+                 calibration_count: int = 128, progress: bool = True) -> tuple[nn.Module, MergeReport]:
+    """The merged model in memory: the exact float merge, kept at 16 bits or re-quantized (see `merge_adapter`)."""
     if bits not in (4, 8, 16):
         raise ValueError(f"bits must be 4, 8 or 16, got {bits}")
     if method not in METHODS:
         raise ValueError(f"method {method!r}: expected one of {METHODS}")
     if method == "calibrated" and bits == 16:
         raise ValueError("method 'calibrated' rounds to 4 or 8 bits; a 16-bit merge has nothing to calibrate")
+    merged = _adapter_model(base, adapter, base_quantization, progress=False)
+    report = merge_into_float(merged)
+    if bits == 16:
+        return merged.to(dtype), report
+    target = QuantizationConfig(load_in_8bit=bits == 8, load_in_4bit=bits == 4, bnb_4bit_quant_type=quant_type,
+                                bnb_4bit_use_double_quant=double_quant)
+    if method == "calibrated":
+        ids = calibration_windows(calibration_text, count=calibration_count,
+                                  seqlen=min(merged.config.max_position_embeddings, 2048))
+        merged, _ = calibrate(merged, ids, CalibrationConfig(quantization=target, dtype=dtype), progress=progress)
+        return merged, report
+    return quantize_model(merged.to(dtype), target), report
+
+
+def adapter_nlls(unmerged: nn.Module, windows: int = 40, text: str | None = None,
+                 progress: bool = True) -> tuple[float, float]:
+    """(base NLL, adapter NLL) of a model carrying its active adapter, on WikiText-2 (or `text`)."""
+    with disable_adapters(unmerged):
+        base = evaluate_perplexity(unmerged, text=text, max_windows=windows, progress=progress).nll
+    return base, evaluate_perplexity(unmerged, text=text, max_windows=windows, progress=progress).nll
+
+
+def merge_adapter(base: str | os.PathLike, adapter: str | os.PathLike, output: str | os.PathLike, *,
+                  bits: int = 16, method: str = "rtn", quant_type: str = "nf4", double_quant: bool = False,
+                  base_quantization: str | None = "auto", dtype: torch.dtype = torch.bfloat16, windows: int = 40,
+                  text: str | None = None, calibration_text: str | None = None, calibration_count: int = 128,
+                  overwrite: bool = False, progress: bool = True) -> MergeResult:
+    """Merge `adapter` into `base`, write the merged checkpoint to `output` and measure what it kept.
+
+    `base_quantization` is how the adapter's base was loaded for training ("auto": read from the adapter's
+    qopt checkpoint, float when there is none); `bits` 16 writes `dtype` weights, 8 / 4 re-quantize, by
+    round-to-nearest (`method="rtn"`) or GPTQ calibration of the merged float model (`"calibrated"`). The
+    measurement uses `windows` windows of WikiText-2 test, or of `text`.
+    """
+    if method == "calibrated" and bits == 16:
+        raise ValueError("method 'calibrated' rounds to 4 or 8 bits; a 16-bit merge has nothing to calibrate")
     check_output_folder(output, [base, adapter], overwrite=overwrite)
     if base_quantization == "auto":
         base_quantization = training_quantization(adapter)
     unmerged = _adapter_model(base, adapter, base_quantization, progress)
-    with disable_adapters(unmerged):
-        base_nll = evaluate_perplexity(unmerged, max_windows=windows, progress=progress).nll
-    adapter_nll = evaluate_perplexity(unmerged, max_windows=windows, progress=progress).nll
-
-    merged = _adapter_model(base, adapter, base_quantization, progress=False)
-    report = merge_into_float(merged)
-    if bits == 16:
-        merged.to(dtype)
-    else:
-        target = QuantizationConfig(load_in_8bit=bits == 8, load_in_4bit=bits == 4, bnb_4bit_quant_type=quant_type,
-                                    bnb_4bit_use_double_quant=double_quant)
-        if method == "calibrated":
-            ids = calibration_windows(calibration_text, count=calibration_count,
-                                      seqlen=min(merged.config.max_position_embeddings, 2048))
-            merged, _ = calibrate(merged, ids, CalibrationConfig(quantization=target, dtype=dtype), progress=progress)
-        else:
-            quantize_model(merged.to(dtype), target)
+    base_nll, adapter_nll = adapter_nlls(unmerged, windows, text, progress)
+    merged, report = merged_model(base, adapter, bits=bits, method=method, quant_type=quant_type,
+                                  double_quant=double_quant, base_quantization=base_quantization, dtype=dtype,
+                                  calibration_text=calibration_text, calibration_count=calibration_count,
+                                  progress=progress)
     extras = [Path(base) / name for name in AUXILIARY_FILES if (Path(base) / name).is_file()]
     save_model(merged, output, extra_files=extras)
     del merged
     written = load(output, progress=False)
-    scored = evaluate_perplexity(written, max_windows=windows, progress=progress, reference=unmerged)
+    scored = evaluate_perplexity(written, text=text, max_windows=windows, progress=progress, reference=unmerged)
     quality = MergeQuality(base_nll, adapter_nll, scored.nll, scored.kl, scored.tokens)
     return MergeResult(str(output), bits, method, base_quantization, quality, report)
 
@@ -129,13 +147,10 @@ def merge_and_unload(model: nn.Module, adapter_name: str | None = None, *, measu
     if name not in adapters.configs:
         raise AdapterError(f"no adapter named {name!r} to merge (have {sorted(adapters.configs)})")
     _lora.set_adapter(model, name)
-    score = lambda: evaluate_perplexity(model, text=text, max_windows=windows, progress=progress)  # noqa: E731
-    with disable_adapters(model):
-        base = score()
-    with_adapter = score()
+    base, with_adapter = adapter_nlls(model, windows, text, progress)
     report = _lora.merge_and_unload(model, name)
-    merged = score()
-    report.quality = MergeQuality(base.nll, with_adapter.nll, merged.nll, tokens=merged.tokens)
+    merged = evaluate_perplexity(model, text=text, max_windows=windows, progress=progress)
+    report.quality = MergeQuality(base, with_adapter, merged.nll, tokens=merged.tokens)
     message = report.quality.warning()
     if message:
         warnings.warn(message, stacklevel=2)
