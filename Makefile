@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: install test test-slow gate demo clean
+.PHONY: install test test-slow gate demo gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -25,6 +25,11 @@ gate: install  ## perplexity regression gate on the bundled model
 
 demo: install  ## the main job: full precision vs int8 vs 4-bit on the bundled model
 	$(VENV)/bin/qopt eval --compare --windows 16
+
+# NO_INSTALL=1: the python on PATH with what it has (BNB_PATH=DIR puts a bitsandbytes copy first on PYTHONPATH)
+GPU_PY = $(if $(filter 1,$(NO_INSTALL)),python3,$(PY))
+gpu-check: $(if $(filter 1,$(NO_INSTALL)),,install)  ## tests/test_gpu.py + decode / load benchmark on one GPU (< 8 min)
+	PYTHONPATH=$(CURDIR)$(if $(BNB_PATH),:$(BNB_PATH)) $(GPU_PY) evals/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -16,6 +16,8 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("AdapterError", "CheckpointError", "ConfigError", "GenerationError", "NumericsError",
                      "PlanError", "QoptError", "TokenizerError"), "errors"),
+    **dict.fromkeys(("DownloadError", "HubAccessError", "HubError", "HubOfflineError"), "errors"),
+    "resolve_model": "io.hub", "download_plan": "place.download_plan",
     "OPTConfig": "model.config", "KVCache": "model.cache", "OPTTokenizer": "model.tokenizer",
     **dict.fromkeys(("OPTModel", "OPTForCausalLM", "OPTForSequenceClassification", "OPTForQuestionAnswering"),
                     "model.network"),
@@ -25,6 +27,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("MemoryPlan", "plan"), "place.plan"),
     **dict.fromkeys(("load", "quantize_checkpoint"), "loading.loader"),
     **dict.fromkeys(("GenerationConfig", "generate", "generate_text"), "generation.decoding"),
+    "generate_many": "generation.throughput",
     **dict.fromkeys(("TextIteratorStreamer", "TextStreamer", "stream_generate"), "generation.streamers"),
     **dict.fromkeys(("LoraConfig", "add_lora", "delete_adapter", "disable_adapters", "set_adapter", "unload"),
                     "finetuning.lora"),
@@ -78,7 +81,10 @@ if TYPE_CHECKING:  # what static tools see; at run time the names arrive through
     from .calibration.sensitivity import choose_precision, layer_sensitivity, plan_for_checkpoint
     from .errors import (AdapterError, CheckpointError, ConfigError, GenerationError, NumericsError, PlanError,
                          QoptError, TokenizerError)
+    from .errors import DownloadError, HubAccessError, HubError, HubOfflineError
     from .evaluation.compare import compare_precisions
+    from .io.hub import resolve_model
+    from .place.download_plan import download_plan
     from .evaluation.footprint import weight_footprint
     from .evaluation.perplexity import PerplexityResult, evaluate_perplexity
     from .evaluation.report import ComparisonReport
@@ -91,6 +97,7 @@ if TYPE_CHECKING:  # what static tools see; at run time the names arrive through
     from .finetuning.trainer import TrainingArguments, train
     from .generation.decoding import GenerationConfig, generate, generate_text
     from .generation.streamers import TextIteratorStreamer, TextStreamer, stream_generate
+    from .generation.throughput import generate_many
     from .loading.loader import load, quantize_checkpoint
     from .model.cache import KVCache
     from .model.config import OPTConfig

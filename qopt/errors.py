@@ -55,3 +55,19 @@ class OutputError(OptionError):
 
 class ResumeError(OptionError, ValueError):
     """A fine-tuning output folder holds a checkpoint of a different run (data, settings or base model)."""
+
+
+class HubError(QoptError):
+    """A model named by its Hub id could not be resolved, reached or downloaded; the message names the repo."""
+
+
+class HubOfflineError(HubError):
+    """Downloads are off (or the Hub is unreachable) and the cache does not hold the model."""
+
+
+class HubAccessError(HubError):
+    """The repo does not exist, is gated, or the token does not give access to it."""
+
+
+class DownloadError(HubError):
+    """A shard arrived truncated, failed its checksum, or could not be written."""

@@ -13,10 +13,11 @@ import qopt
 from qopt.cli import main as cli_main
 from qopt.evaluation.compare import compare_precisions
 from qopt.evaluation.footprint import weight_footprint
-from qopt.evaluation.gate import Tolerance, check_baseline, read_baseline, write_baseline
-from qopt.evaluation.perplexity import (describe_windows, evaluate_ids, evaluate_perplexity, cut_windows, text_ids,
-                                        wikitext2_text)
+from qopt.evaluation.gate import Limits, Measurement, Tolerance, measure, read_baseline, write_baseline
+from qopt.evaluation.perplexity import (cut_windows, describe_windows, evaluate_ids, evaluate_perplexity, text_ids,
+                                       wikitext2_text)
 from qopt.evaluation.report import ComparisonReport
+from qopt.evaluation.verdict import check_baseline
 
 SEQ = 64  # TINY's max_position_embeddings
 PREFIX = 20_000  # characters of WikiText-2 used where the full text is not the point
@@ -241,32 +242,141 @@ def test_a_pre_quantized_checkpoint_is_measured_as_saved(checkpoint, tmp_path, c
     assert "| nf4 |" in capsys.readouterr().out
 
 
-def test_gate_passes_within_tolerance_and_fails_beyond(checkpoint, tmp_path, capsys):
-    folder = checkpoint
-    base = tmp_path / "gate.json"
-    args = ["eval", str(folder), "--windows", "2"]
-    assert cli_main(args + ["--precisions", "fp32", "bf16", "--write-baseline", str(base),
-                            "--tolerance", "0.01", "--json", str(tmp_path / "r.json")]) == 0
-    baseline, tolerance = read_baseline(base)
-    assert tolerance.relative == 0.01 and tolerance.max_gap_ratio is None and baseline.settings["windows"] == 2 and len(baseline.rows) == 2
-    assert cli_main(["eval", str(folder), "--check", str(base)]) == 0
-    assert "within" in capsys.readouterr().out
+def _edit(path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
 
-    data = json.loads(base.read_text())
-    measured = data["rows"][1]["ppl"]
-    data["rows"][1]["ppl"] = measured * 1.05
-    base.write_text(json.dumps(data))
-    assert cli_main(["eval", str(folder), "--check", str(base)]) == 1
-    line, = [ln for ln in capsys.readouterr().err.splitlines() if "gate:" in ln]
-    assert "bf16" in line and f"{measured * 1.05:.4f}" in line and "±1.00%" in line
 
-    run = ComparisonReport.from_dict(json.loads((tmp_path / "r.json").read_text()))
-    for factor, violations in ((1.009, 0), (0.991, 0), (1.011, 1), (0.989, 1), (math.nan, 1)):
-        data["rows"][1]["ppl"] = measured * factor
-        base.write_text(json.dumps(data))
-        assert len(check_baseline(run, *read_baseline(base))) == violations, factor
-    run.tokens += 1
-    assert "tokenizer or text changed" in check_baseline(run, *read_baseline(base))[0]
+def _row(data: dict, precision: str) -> dict:
+    return next(r for r in data["rows"] if r["precision"] == precision)
+
+
+@pytest.fixture(scope="module")
+def gate_baseline(checkpoint, tmp_path_factory):
+    """A format-2 baseline of fp32, bf16 and NF4 on 2 windows, and the report of the same run."""
+    folder = tmp_path_factory.mktemp("gate")
+    assert cli_main(["eval", str(checkpoint), "--windows", "2", "--precisions", "fp32", "bf16", "nf4",
+                     "--write-baseline", str(folder / "gate.json"), "--tolerance", "0.01",
+                     "--json", str(folder / "run.json")]) == 0
+    return folder / "gate.json", ComparisonReport.from_dict(json.loads((folder / "run.json").read_text()))
+
+
+def test_a_baseline_records_tolerances_digests_and_data_files(checkpoint, gate_baseline, capsys):
+    path, _ = gate_baseline
+    baseline = read_baseline(path)
+    assert baseline.format == 2 and baseline.tolerance == Tolerance(Limits(ppl=0.01))
+    assert set(baseline.digests) == {"fp32", "bf16", "nf4"} and baseline.noise is None
+    assert set(baseline.files["text"]) == {"wiki.test.raw"} and set(baseline.files["tokenizer"]) == {"vocab.json",
+                                                                                                      "merges.txt"}
+    assert baseline.digests["fp32"]["state_dict"] != baseline.digests["bf16"]["state_dict"]
+    assert cli_main(["eval", str(checkpoint), "--check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "passed, 16 checks within tolerance" in out and "not checked" not in out  # 3 data + 3 + 5 + 5
+
+
+def test_gate_checks_each_measure_both_ways(gate_baseline):
+    path, report = gate_baseline
+    baseline = read_baseline(path)
+    run = Measurement(report, copy.deepcopy(baseline.digests), baseline.files)
+    nf4 = baseline.report.row("nf4")
+    cases = [("ppl", nf4.ppl * 1.009, []), ("ppl", nf4.ppl * 0.989, ["perplexity"]), ("ppl", math.nan, ["perplexity"]),
+             ("kl", nf4.kl * 1.049, []), ("kl", nf4.kl * 0.949, ["kl"]), ("kl", nf4.kl * 1.051, ["kl"]),
+             ("top1", nf4.top1 + 0.0014, []), ("top1", nf4.top1 - 0.0016, ["top1"])]
+    for field_name, value, failing in cases:
+        measured = copy.deepcopy(run)
+        setattr(measured.report.row("nf4"), field_name, value)
+        verdict = check_baseline(measured, baseline)
+        assert [c.measure for c in verdict.failures] == failing, (field_name, value)
+        assert all(c.precision == "nf4" for c in verdict.failures)
+    measured = copy.deepcopy(run)
+    measured.digests["nf4"]["modules"] = "0" * 64
+    failure, = check_baseline(measured, baseline).failures
+    assert (failure.precision, failure.measure, failure.cells[2]) == ("nf4", "modules", "differs")
+    assert check_baseline(measured, baseline, baseline.tolerance.override(digests=())).passed
+    measured.report.rows.pop()
+    failure, = check_baseline(measured, baseline).failures
+    assert (failure.precision, failure.measure) == ("nf4", "measured")
+
+
+def test_gate_failure_prints_a_table_and_command_line_tolerances_override(checkpoint, gate_baseline, tmp_path,
+                                                                          capsys):
+    path = tmp_path / "gate.json"
+    path.write_text(gate_baseline[0].read_text())
+    nf4 = _row(json.loads(path.read_text()), "nf4")
+    _edit(path, lambda d: _row(d, "nf4").update(ppl=nf4["ppl"] * 1.05, kl=nf4["kl"] * 1.2, top1=nf4["top1"] - 0.01))
+    check = ["eval", str(checkpoint), "--check", str(path)]
+    assert cli_main(check + ["--json", str(tmp_path / "verdict.json")]) == 1
+    out = capsys.readouterr().out
+    assert "| precision | measure | baseline | now | change | allowed |" in out
+    assert f"| nf4 | perplexity | {nf4['ppl'] * 1.05:.4f} | {nf4['ppl']:.4f} | -4.762% | ±1.00% |" in out
+    assert "| nf4 | KL (nats/token) |" in out and "-16.7% | ±5.0% |" in out
+    assert "| nf4 | top-1 agreement |" in out and "+1.00 pt | ±0.15 pt |" in out
+    assert "FAILED, 3 of 16 checks beyond tolerance" in out
+    verdict = json.loads((tmp_path / "verdict.json").read_text())
+    assert (verdict["passed"], verdict["exit_code"], verdict["failures"]) == (False, 1, 3)
+    assert {(c["precision"], c["measure"]) for c in verdict["checks"] if not c["passed"]} == {
+        ("nf4", "perplexity"), ("nf4", "kl"), ("nf4", "top1")}
+    assert verdict["measured"]["rows"][-1]["precision"] == "nf4" and verdict["unchecked"] == []
+    # --tolerance used to be ignored with --check; each flag overrides the baseline's limit for every precision
+    assert cli_main(check + ["--tolerance", "0.06", "--kl-tolerance", "0.25"]) == 1
+    assert "FAILED, 1 of 16" in capsys.readouterr().out
+    assert cli_main(check + ["--tolerance", "0.06", "--kl-tolerance", "0.25", "--top1-tolerance", "1.1"]) == 0
+    capsys.readouterr()
+
+
+def test_gate_data_files_and_token_counts(checkpoint, gate_baseline, tmp_path, capsys):
+    path = tmp_path / "gate.json"
+    path.write_text(gate_baseline[0].read_text())
+    _edit(path, lambda d: d["data"].update(total_tokens=d["data"]["total_tokens"] + 1))
+    assert cli_main(["eval", str(checkpoint), "--check", str(path), "--json", str(tmp_path / "v.json")]) == 1
+    out = capsys.readouterr().out
+    assert "| data | text tokens | 287,646 | 287,645 | -1 | equal |" in out
+    assert "not checked: all of fp32, bf16, nf4: the text gives other token counts" in out
+    path.write_text(gate_baseline[0].read_text())
+    _edit(path, lambda d: d["files"]["tokenizer"].update({"merges.txt": "0" * 64}))
+    assert cli_main(["eval", str(checkpoint), "--check", str(path), "--json", str(tmp_path / "v.json")]) == 2
+    err = capsys.readouterr().err
+    assert "not comparable" in err and "tokenizer file merges.txt" in err
+    verdict = json.loads((tmp_path / "v.json").read_text())
+    assert verdict["exit_code"] == 2 and "merges.txt" in verdict["error"]
+    assert cli_main(["eval", str(checkpoint), "--check", str(tmp_path / "missing.json")]) == 2
+    assert "no such baseline file" in capsys.readouterr().err
+
+
+def test_gate_runs_a_subset_of_the_baseline(checkpoint, gate_baseline, capsys):
+    path, _ = gate_baseline
+    assert cli_main(["eval", str(checkpoint), "--check", str(path), "--precisions", "nf4"]) == 0
+    out = capsys.readouterr().out
+    assert "| fp32 |" not in out and "| bf16 |" in out and "| nf4 |" in out  # bf16 added as nf4's reference
+    assert "not checked: all of fp32: not run (--precisions)" in out
+    assert "not checked: KL (nats/token) of bf16: its reference (fp32) was not run" in out
+    assert cli_main(["eval", str(checkpoint), "--check", str(path), "--precisions", "fp4"]) == 2
+    assert "fp4 not in the baseline" in capsys.readouterr().err
+
+
+def test_a_format_1_baseline_still_loads_and_says_what_it_cannot_check(checkpoint, gate_baseline, tmp_path,
+                                                                        capsys):
+    path = tmp_path / "old.json"
+    path.write_text(gate_baseline[0].read_text())
+    _edit(path, lambda d: [d.pop("files"), d.pop("digests"), d.update(format=1, tolerance={"relative": 0.01})])
+    baseline = read_baseline(path)
+    assert baseline.format == 1 and baseline.files is None and baseline.digests == {}
+    assert baseline.tolerance == Tolerance(Limits(ppl=0.01, kl=None, top1=None, digests=()))
+    assert cli_main(["eval", str(checkpoint), "--check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "not checked: data files" in out and "not checked: KL (nats/token) of bf16, nf4: no KL tolerance" in out
+    assert "not checked: digest of fp32, bf16, nf4: not recorded in the baseline (format 1)" in out
+    assert "passed, 6 checks" in out  # 3 data + 3 perplexities
+    assert cli_main(["eval", str(checkpoint), "--check", str(path), "--kl-tolerance", "0.05",
+                     "--top1-tolerance", "0.15"]) == 0
+    out = capsys.readouterr().out
+    assert "passed, 10 checks" in out and "not checked: KL" not in out
+    # the full-split baseline shipped in format 1 still reads
+    from pathlib import Path
+
+    full = read_baseline(Path(__file__).parents[1] / "evals" / "baselines" / "wikitext2_full.json")
+    assert full.format == 1 and full.tolerance.max_gap_ratio == 0.5
 
 
 def test_gate_refuses_conflicting_settings_and_bad_files(checkpoint, tmp_path, capsys):
@@ -275,9 +385,19 @@ def test_gate_refuses_conflicting_settings_and_bad_files(checkpoint, tmp_path, c
     bad.write_text(json.dumps({"format": 1, "tolerance": {"relative": 0.01}}))
     assert cli_main(["eval", str(folder), "--check", str(bad)]) == 2
     assert "bad.json" in capsys.readouterr().err
+    bad.write_text(json.dumps({"format": 3}))
+    assert cli_main(["eval", str(folder), "--check", str(bad)]) == 2
+    assert "expected 1 or 2" in capsys.readouterr().err
     assert cli_main(["eval", str(folder), "--check", str(bad), "--seqlen", "32"]) == 2
     assert "drop --seqlen" in capsys.readouterr().err
+    assert cli_main(["eval", str(folder), "--windows", "1", "--kl-tolerance", "0.1"]) == 2
+    assert "use with --check or --write-baseline" in capsys.readouterr().err
     assert cli_main(["eval", str(folder), "--bits", "8", "--quant-type", "fp4"]) == 2
+    with pytest.raises(ValueError, match="top-1 tolerance"):
+        Limits(top1=0)
+    tolerance = Tolerance.from_dict({"default": {"ppl_relative": 0.01}, "precisions": {"nf4": {"top1_points": 0.5}}})
+    assert tolerance.limits("nf4") == Limits(ppl=0.01, top1=0.5) and tolerance.limits("int8") == Limits(ppl=0.01)
+    assert tolerance.override(ppl=0.02).limits("nf4") == Limits(ppl=0.02, top1=0.5)
 
 
 def _model_with_outlier_features(seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
@@ -357,32 +477,28 @@ def test_calibrated_and_round_to_nearest_are_judged_in_one_run(checkpoint, tmp_p
 
 
 def test_gate_keeps_the_calibrated_gap_ratio_claim(checkpoint, tmp_path, capsys):
-    report = compare_precisions(checkpoint, ("nf4", "nf4-calibrated"), max_windows=2, progress=False)
+    run = measure(checkpoint, ("nf4", "nf4-calibrated"), max_windows=2, progress=False)
+    report = run.report
     rtn = report.row("nf4")
     rtn.delta = 0.2  # a known round-to-nearest gap, so the ratio below is set by the test
     report.row("nf4-calibrated").delta = 0.18
     assert report.gap_ratios()["nf4-calibrated"][0] == pytest.approx(0.9)
-    assert check_baseline(report, report, Tolerance(0.01, max_gap_ratio=0.95)) == []
-    problem, = check_baseline(report, report, Tolerance(0.01, max_gap_ratio=0.5))
-    assert "nf4-calibrated: gap +0.1800 is 0.90 x round-to-nearest's +0.2000, allowed 0.5 x" == problem
+    write_baseline(run, tmp_path / "b.json", Tolerance(Limits(ppl=0.01), max_gap_ratio=0.5))
+    baseline = read_baseline(tmp_path / "b.json")
+    assert baseline.tolerance == Tolerance(Limits(ppl=0.01), max_gap_ratio=0.5)
+    assert baseline.report.gap_ratios() == report.gap_ratios()
+    failure, = check_baseline(run, baseline).failures
+    assert (failure.precision, failure.measure, failure.cells[1]) == ("nf4-calibrated", "gap_ratio",
+                                                                      "0.90 (+0.1800 / +0.2000)")
+    assert check_baseline(run, baseline, Tolerance(Limits(ppl=0.01), max_gap_ratio=0.95)).passed
     rtn.delta = -0.1  # round-to-nearest below the reference: no ratio to report or check
     assert report.gap_ratios() == {} and "no ratio" in report.to_markdown()
-    problem, = check_baseline(report, _with_delta(report, "nf4", 0.2), Tolerance(0.01, max_gap_ratio=0.5))
-    assert "cannot be checked" in problem
-    rtn.delta = 0.2
-    write_baseline(report, tmp_path / "b.json", Tolerance(0.01, max_gap_ratio=0.5))
-    baseline, tolerance = read_baseline(tmp_path / "b.json")
-    assert tolerance == Tolerance(0.01, 0.5) and baseline.gap_ratios() == report.gap_ratios()
+    failure, = check_baseline(run, baseline).failures
+    assert "round-to-nearest shows no positive gap" in failure.cells[2]
     with pytest.raises(ValueError, match="needs a calibrated precision"):
-        write_baseline(compare_precisions(checkpoint, ("bf16",), max_windows=1, progress=False),
-                       tmp_path / "c.json", Tolerance(0.01, max_gap_ratio=0.5))
+        write_baseline(measure(checkpoint, ("bf16",), max_windows=1, progress=False), tmp_path / "c.json",
+                       Tolerance(max_gap_ratio=0.5))
     assert cli_main(["eval", str(checkpoint), "--check", str(tmp_path / "b.json"), "--max-gap-ratio", "1"]) == 2
     assert "--max-gap-ratio" in capsys.readouterr().err
     assert cli_main(["eval", str(checkpoint), "--precisions", "nf4", "--max-gap-ratio", "0.5"]) == 2
     assert "use it with --write-baseline" in capsys.readouterr().err
-
-
-def _with_delta(report: ComparisonReport, precision: str, delta: float) -> ComparisonReport:
-    copy = ComparisonReport.from_dict(report.to_dict())
-    copy.row(precision).delta = delta
-    return copy

@@ -81,7 +81,7 @@ def test_cli_plan_states_the_verdict_and_the_map(capsys):
 
 
 def test_config_names_and_paper_shapes():
-    assert config_for("facebook/opt-1.3b")[0].hidden_size == 2048
+    assert config_for("opt-1.3b")[0].hidden_size == 2048  # a bare size name; facebook/opt-1.3b is a Hub id
     assert config_for("opt-350m")[0].word_embed_proj_dim == 512  # the released config, projections included
     for name, (layers, hidden, heads, ffn) in {"opt-2.7b": (32, 2560, 32, 10240), "13b": (40, 5120, 40, 20480),
                                                "OPT-66B": (64, 9216, 72, 36864),

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from ..bundled import data_dir
 from ..errors import CheckpointError
 from ..io.checkpoint import CheckpointFiles, inspect_checkpoint, iter_shard_tensors, normalize_key
+from ..io.hub import checkpoint_folder
 from ..io.outputs import check_output_folder
 from ..loading.loader import AUXILIARY_FILES
 from ..loading.saving import save_model
@@ -168,7 +169,7 @@ class _LayerReader:
 
 
 def _materialize(model: nn.Module, tensors: dict[str, torch.Tensor], source: str,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
     expected = dict(model.named_parameters())
     for name, tensor in tensors.items():
         if name not in expected:
@@ -176,7 +177,7 @@ def _materialize(model: nn.Module, tensors: dict[str, torch.Tensor], source: str
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise CheckpointError(f"{source}: tensor '{name}' has shape {list(tensor.shape)}, config.json "
                                   f"implies {list(expected[name].shape)}")
-        set_module_tensor_to_device(model, name, "cpu", value=tensor, dtype=dtype)
+        set_module_tensor_to_device(model, name, device, value=tensor, dtype=dtype)
 
 
 def _skeleton(path: Path, dtype: torch.dtype) -> tuple[OPTForCausalLM, _LayerReader]:
@@ -214,7 +215,7 @@ def _layer0_inputs(model: OPTForCausalLM, windows: torch.Tensor, batch: int) -> 
     try:
         for chunk in windows.split(batch):
             try:
-                decoder(input_ids=chunk, use_cache=False)
+                decoder(input_ids=chunk.to(decoder.embed_tokens.weight.device), use_cache=False)
             except StopForward:
                 pass
     finally:
@@ -235,8 +236,8 @@ def _run_layer(layer: nn.Module, inputs: torch.Tensor, mask: torch.Tensor, batch
 
 
 def calibrate(source: str | os.PathLike | OPTForCausalLM, windows: torch.Tensor | None = None,
-              config: CalibrationConfig | None = None, *, progress: bool = True
-              ) -> tuple[OPTForCausalLM, CalibrationReport]:
+              config: CalibrationConfig | None = None, *, progress: bool = True,
+              device: torch.device | str | None = None) -> tuple[OPTForCausalLM, CalibrationReport]:
     """Quantize an OPT causal LM with GPTQ rounding onto bitsandbytes grids; returns (model, report).
 
     `source` is a checkpoint folder (streamed: one decoder layer in float at a time) or a float model in
@@ -244,6 +245,10 @@ def calibrate(source: str | os.PathLike | OPTForCausalLM, windows: torch.Tensor 
     the start, so layer 0 sees the embeddings the quantized model will use. `windows` are (count, seqlen) token
     ids (see `calibration_windows`); None draws 128 windows of the model's context (at most 2048 tokens) from
     the shipped sample.
+
+    `device` is where each decoder layer is calibrated (its forwards, Hessians and GPTQ rounding); the layer
+    then lives where the model keeps it. None follows the model: each layer computes on the device it is on
+    (a folder's layers are read to the CPU).
     """
     config = config or CalibrationConfig()
     started = time.perf_counter()
@@ -255,7 +260,8 @@ def calibrate(source: str | os.PathLike | OPTForCausalLM, windows: torch.Tensor 
         _cast_unquantized(model, config.dtype, skip_layers=True)  # as a streamed skeleton has them
         model.model.decoder.layers.float()
     else:
-        model, reader = _skeleton(Path(source), config.dtype)
+        model, reader = _skeleton(checkpoint_folder(source, progress=progress), config.dtype)
+        model.name_or_path = os.fspath(source)  # a Hub id stays one: adapters check their base by it
     model.eval()
     if windows is None:
         windows = calibration_windows(seqlen=min(model.config.max_position_embeddings, 2048))
@@ -264,17 +270,25 @@ def calibrate(source: str | os.PathLike | OPTForCausalLM, windows: torch.Tensor 
     report = CalibrationReport(windows=windows.shape[0], seqlen=windows.shape[1])
     with torch.no_grad():
         hidden, mask = _layer0_inputs(model, windows, config.windows_per_batch(windows.shape[1]))
+        where = _layer_device(decoder.layers[0], device)
+        hidden, mask = hidden.to(where), mask.to(where)
         spare = torch.empty_like(hidden)
         bar = tqdm(range(len(decoder.layers)), desc="Calibrating layers", unit="layer", disable=not progress)
         for i in bar:
             prefix = f"{LAYER_PREFIX}{i}."
+            home = _layer_device(decoder.layers[i], None)
+            where = _layer_device(decoder.layers[i], device)
             if reader is not None:
-                _materialize(model, reader.tensors(lambda n, p=prefix: n.startswith(p)), str(source))
-            layer = decoder.layers[i]
+                _materialize(model, reader.tensors(lambda n, p=prefix: n.startswith(p)), str(source), torch.float32,
+                             where)
+            layer = decoder.layers[i].to(where)
+            hidden, mask = hidden.to(where), mask.to(where)
+            spare = spare.to(where)
             rounded = _calibrate_layer(layer, prefix, hidden, mask, config, report)
             _run_layer(layer, hidden, mask, config.windows_per_batch(windows.shape[1]), out=spare)
             hidden, spare = spare, hidden
-            _swap_in_bnb(layer, prefix, rounded, config, report)
+            layer.to(home)
+            _swap_in_bnb(layer, prefix, rounded, config, report, home)
             _cast_unquantized(layer, config.dtype)
             del rounded, layer
             _release_memory()
@@ -289,7 +303,7 @@ def calibrate(source: str | os.PathLike | OPTForCausalLM, windows: torch.Tensor 
 def calibrate_checkpoint(path: str | os.PathLike, out: str | os.PathLike, config: CalibrationConfig | None = None,
                          *, text: str | None = None, count: int = 128, seqlen: int | None = None, seed: int = 0,
                          max_shard_size: str | int = "2GB", progress: bool = True,
-                         overwrite: bool = False) -> CalibrationReport:
+                         overwrite: bool = False, device: torch.device | str | None = None) -> CalibrationReport:
     """What `qopt quantize --method calibrated` runs: calibrate a checkpoint folder and write it pre-quantized.
 
     `text` replaces the shipped calibration sample; `count` windows of `seqlen` tokens (default: the model's
@@ -297,12 +311,22 @@ def calibrate_checkpoint(path: str | os.PathLike, out: str | os.PathLike, config
     `out` may not overlap the source, and replaces an existing model only with `overwrite=True`.
     """
     check_output_folder(out, [path], overwrite=overwrite)
+    path = checkpoint_folder(path, progress=progress)  # a Hub id: downloaded into the HF cache once
     seqlen = seqlen or min(OPTConfig.from_pretrained(path).max_position_embeddings, 2048)
     windows = calibration_windows(text, count=count, seqlen=seqlen, seed=seed)
-    model, report = calibrate(path, windows, config, progress=progress)
+    model, report = calibrate(path, windows, config, progress=progress, device=device)
     extras = [Path(path) / name for name in AUXILIARY_FILES if (Path(path) / name).is_file()]
     save_model(model, out, max_shard_size, extra_files=extras)
     return report
+
+
+def _layer_device(layer: nn.Module, device: torch.device | str | None) -> torch.device:
+    """Where a decoder layer computes: `device` if given, else where its weights are (CPU for a layer still on
+    the meta device, i.e. one a folder has not read yet)."""
+    if device is not None:
+        return torch.device(device)
+    first = next(layer.parameters(), None)
+    return torch.device("cpu") if first is None or first.device.type == "meta" else first.device
 
 
 def _outside_layers_stay_16bit(model: OPTForCausalLM, config: CalibrationConfig) -> CalibrationConfig:
@@ -327,7 +351,7 @@ def _calibrate_layer(layer: nn.Module, prefix: str, hidden: torch.Tensor, mask: 
     for stage in stages:
         # the linears of a group read the same input, so one Hessian (hooked on the first) serves them all;
         # the last group's hook ends the forward there, since nothing after it is needed yet
-        accumulators = [HessianAccumulator(layer.get_submodule(g[0]).in_features) for g in stage]
+        accumulators = [HessianAccumulator(layer.get_submodule(g[0]).in_features, hidden.device) for g in stage]
         handles = [layer.get_submodule(g[0]).register_forward_pre_hook(acc.pre_hook(stop=k == len(stage) - 1))
                    for k, (g, acc) in enumerate(zip(stage, accumulators))]
         try:
@@ -369,7 +393,7 @@ def rtn_dequantized(weight: torch.Tensor, grid: Grid) -> torch.Tensor:
 
 
 def _swap_in_bnb(layer: nn.Module, prefix: str, rounded_weights: dict[str, RoundedWeight],
-                 config: CalibrationConfig, report: CalibrationReport) -> None:
+                 config: CalibrationConfig, report: CalibrationReport, device: torch.device) -> None:
     """Replace each rounded nn.Linear of the layer by the bitsandbytes module holding exactly its bytes."""
     for name in sum(SEQUENTIAL_GROUPS, ()):
         linear = layer.get_submodule(name)
@@ -377,10 +401,10 @@ def _swap_in_bnb(layer: nn.Module, prefix: str, rounded_weights: dict[str, Round
         if rounded is None:
             report.modules.append(ModuleReport(prefix + name, "16-bit", linear.weight.numel()))
             continue
-        state = rounded.state_dict(config.dtype)
+        state = {k: v.to(device) for k, v in rounded.state_dict(config.dtype).items()}
         if linear.bias is not None:
             state["bias"] = linear.bias.detach().to(config.dtype)
-        layer.set_submodule(name, linear_from_quantized(state, config.quantization, source=prefix + name))
+        layer.set_submodule(name, linear_from_quantized(state, config.quantization, device, source=prefix + name))
 
 
 def _release_memory() -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..quant.presets import PRESETS
 
-DEFAULT_MODEL_HELP = "checkpoint folder (default: the bundled model)"
+DEFAULT_MODEL_HELP = "checkpoint folder or Hub id such as facebook/opt-125m (default: the bundled model)"
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential", "cpu", "cuda", "cuda:N")
 DTYPE_NAMES = ("auto", "bfloat16", "float16", "float32")
 
@@ -35,7 +35,8 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help: str, **kwargs: 
 
 
 def model_path(path: str | None) -> str:
-    """The MODEL argument; none means the model that ships with qopt."""
+    """The MODEL argument: a folder or a Hub id, which the library resolves (HF cache first, then the Hub, with
+    --revision / --no-keep-download where the command has them); none means the model that ships with qopt."""
     from ..bundled import bundled_model_dir
 
     return path if path else str(bundled_model_dir())
@@ -130,6 +131,22 @@ def placement(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--dtype {args.dtype!r}: expected one of {', '.join(DTYPE_NAMES)}")
     return {"device_map": device_map, "max_memory": memory, "offload_folder": args.offload_folder,
             "torch_dtype": args.dtype}
+
+
+# -- models from the Hub --------------------------------------------------------------------------------------
+def add_hub(parser: argparse.ArgumentParser) -> None:
+    """--revision and --no-keep-download for a MODEL given as a Hub id (token, cache and endpoint come from
+    HF_TOKEN, HF_HUB_CACHE / HF_HOME and HF_ENDPOINT; HF_HUB_OFFLINE=1 uses the cache alone)."""
+    g = parser.add_argument_group("models from the Hugging Face Hub")
+    g.add_argument("--revision", metavar="REV", help="branch, tag or commit of a Hub model (default: main)")
+    g.add_argument("--no-keep-download", dest="keep_download", action="store_false",
+                   help="stream the shards through a scratch folder, at most two at a time, each deleted once read, "
+                        "instead of keeping them in the HF cache")
+
+
+def hub_options(args: argparse.Namespace) -> dict[str, Any]:
+    """`qopt.load` keyword arguments from the Hub flags."""
+    return {"revision": args.revision, "keep_download": args.keep_download}
 
 
 # -- outputs --------------------------------------------------------------------------------------------------

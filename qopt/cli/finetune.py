@@ -65,15 +65,6 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import ResumeError
-
-    try:
-        return _run(args)
-    except ResumeError as err:  # the library names resume=False; a CLI user needs the flag
-        raise err.spelled("--no-resume") from None
-
-
-def _run(args: argparse.Namespace) -> int:
     from ..finetuning.lora import ALL_LINEAR, LoraConfig
     from ..finetuning.recipe import finetune
     from ..finetuning.trainer import TrainingArguments

@@ -1,9 +1,11 @@
-"""`qopt generate`: continue a prompt with a model, greedy unless told to sample."""
+"""`qopt generate`: continue a prompt with a model, greedy unless told to sample; or many prompts from a file
+on the block schedule of `qopt.generate_many` (`--prompts-file`), written as JSON lines."""
 from __future__ import annotations
 
 import argparse
 
-from .common import DEFAULT_MODEL_HELP, add_parser, add_placement, add_precision, model_path, placement, preset
+from .common import (DEFAULT_MODEL_HELP, add_hub, add_parser, add_placement, add_precision, hub_options, model_path,
+                     placement, preset)
 
 
 API_FLAGS = {"max_new_tokens": "--max-new-tokens", "num_beams": "--num-beams"}  # library argument -> this flag
@@ -11,8 +13,9 @@ API_FLAGS = {"max_new_tokens": "--max-new-tokens", "num_beams": "--num-beams"}  
 
 def add(sub: argparse._SubParsersAction) -> None:
     p = add_parser(sub, "generate", "continue a prompt with the model (greedy unless told to sample)")
-    p.add_argument("words", nargs="+", metavar="[MODEL] PROMPT",
-                   help=f"the prompt, after an optional MODEL ({DEFAULT_MODEL_HELP})")
+    p.add_argument("words", nargs="*", metavar="[MODEL] PROMPT",
+                   help=f"the prompt, after an optional MODEL ({DEFAULT_MODEL_HELP}); with --prompts-file only "
+                        "the optional MODEL")
     p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter folder (PEFT format) to apply to the model")
     add_precision(p, (4, 8, 16), "4 = --quant-type, 8 = LLM.int8, 16 = unquantized (default: as saved)")
     add_placement(p)
@@ -26,6 +29,13 @@ def add(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="divide repeated tokens' scores by this")
     g.add_argument("--seed", type=int, help="makes sampling reproducible")
     g.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    add_hub(p)
+    m = p.add_argument_group("many prompts (each offloaded layer read once per decode step for all of them)")
+    m.add_argument("--prompts-file", metavar="FILE",
+                   help="prompts, one per line (or JSON lines with a \"prompt\" field, for a .jsonl file)")
+    m.add_argument("--batch-size", type=int, default=8, help="prompts per micro-batch")
+    m.add_argument("-o", "--output", metavar="FILE.jsonl",
+                   help="write {\"prompt\", \"completion\"} JSON lines here (default: standard output)")
     p.set_defaults(handler=run)
 
 
@@ -35,11 +45,19 @@ def run(args: argparse.Namespace) -> int:
     from ..generation.decoding import generate_text
     from ..model.tokenizer import tokenizer_for
 
+    if args.prompts_file:
+        from .generate_many import run_many
+
+        return run_many(args)
+    if args.output or args.batch_size != 8:
+        raise ValueError("--output and --batch-size apply to --prompts-file")
+    if not args.words:
+        raise ValueError("expected [MODEL] PROMPT (or --prompts-file FILE)")
     if len(args.words) > 2:
         raise ValueError(f"expected [MODEL] PROMPT, got {len(args.words)} arguments; quote the prompt")
     path = model_path(args.words[0] if len(args.words) == 2 else None)
     quantization = preset(args)
-    model = qopt.load(path, quantization=quantization, progress=False, **placement(args))
+    model = qopt.load(path, quantization=quantization, progress=False, **placement(args), **hub_options(args))
     if args.adapter:
         qopt.load_adapter(model, args.adapter)
     tokenizer = tokenizer_for(path)

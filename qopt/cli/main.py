@@ -17,9 +17,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .. import __version__
-from ..errors import QoptError
+from ..errors import OptionError, QoptError
 
-COMMANDS = ("info", "eval", "finetune", "merge", "plan", "quantize", "generate")
+COMMANDS = ("info", "eval", "finetune", "merge", "plan", "quantize", "generate", "check")
 _MODULES = {"eval": "evaluate"}  # command -> module where the names differ
 
 
@@ -33,10 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cli_words(message: str, handler: Callable[..., Any]) -> str:
+def cli_words(err: Exception, message: str, handler: Callable[..., Any]) -> str:
     """The library names its Python arguments (`max_windows`, `resume=False`); a command-line user needs the
-    flag. Each command module maps them in `API_FLAGS`."""
-    for name, flag in getattr(sys.modules[handler.__module__], "API_FLAGS", {}).items():
+    flag. Each command module maps them in `API_FLAGS`; an `OptionError` names its remedy exactly."""
+    flags = getattr(sys.modules[handler.__module__], "API_FLAGS", {})
+    if isinstance(err, OptionError) and err.option in flags:
+        return str(err.spelled(flags[err.option]))
+    for name, flag in flags.items():
         message = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w=])", flag, message)
     return message
 
@@ -57,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         message = str(err) if not isinstance(err, OSError) or not err.filename else \
             f"{err.filename}: {err.strerror or err}"
-        print(f"qopt {args.command}: error: {cli_words(message, args.handler)}", file=sys.stderr)
+        print(f"qopt {args.command}: error: {cli_words(err, message, args.handler)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\nqopt {args.command}: interrupted", file=sys.stderr)

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import argparse
 
-from .common import DEFAULT_MODEL_HELP, add_output, add_parser, add_precision, model_path, preset
+from .common import DEFAULT_MODEL_HELP, add_hub, add_output, add_parser, add_precision, hub_options, model_path, preset
+
+
+API_FLAGS = {"overwrite=True": "--force"}  # library argument -> this command's flag, in error messages
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -30,6 +33,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration-seqlen", type=int, help="tokens per window (default: the model's context)")
     p.add_argument("--sensitivity-windows", type=int, default=16,
                    help="random token windows the --budget sensitivity pass ranks the linears on")
+    add_hub(p)
     p.set_defaults(handler=run)
 
 
@@ -41,18 +45,11 @@ def _quantize_preset(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import OutputError
     from ..io.outputs import check_output_folder
-
-    try:  # before any work: a wrong --out fails in a second, and the input is never written
-        check_output_folder(args.output, [model_path(args.model)], overwrite=args.force)
-        return _run(args)
-    except OutputError as err:
-        raise err.spelled("--force") from None
-
-
-def _run(args: argparse.Namespace) -> int:
     from ..utils import format_bytes
+
+    # before any work: a wrong --output fails in a second, and the input is never written
+    check_output_folder(args.output, [model_path(args.model)], overwrite=args.force)
 
     if args.method == "rtn" and args.budget is None:
         return _quantize_rtn(args)
@@ -60,11 +57,15 @@ def _run(args: argparse.Namespace) -> int:
 
     from ..calibration.layerwise import CalibrationConfig, calibrate_checkpoint
     from ..calibration.sensitivity import plan_for_checkpoint
+    from ..io.hub import checkpoint_folder
     from ..loading.loader import quantize_checkpoint
     from ..quant.config import QuantizationConfig
 
     quant = QuantizationConfig.from_name(_quantize_preset(args))
-    path = model_path(args.model)
+    if not args.keep_download:
+        raise ValueError("--no-keep-download streams one load; --method calibrated and --budget read the checkpoint "
+                         "more than once, so a Hub model is downloaded into the HF cache for them")
+    path = str(checkpoint_folder(model_path(args.model), revision=args.revision))  # a Hub id: into the cache once
     text = Path(args.calibration_data).read_text(encoding="utf-8") if args.calibration_data else None
     if args.budget is not None:
         if quant.bits != 4:
@@ -102,6 +103,7 @@ def _quantize_rtn(args: argparse.Namespace) -> int:
 
     config = QuantizationConfig.from_name(_quantize_preset(args))
     layers, nbytes = quantize_checkpoint(model_path(args.model), args.output, config, torch_dtype=args.dtype,
-                                         max_shard_size=args.max_shard_size, overwrite=args.force)
+                                         max_shard_size=args.max_shard_size, overwrite=args.force,
+                                         **hub_options(args))
     print(f"wrote {args.output}: {config.name}, {layers} quantized layers, {format_bytes(nbytes)} of weights")
     return 0

@@ -9,7 +9,7 @@ import gc
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import bitsandbytes
@@ -19,6 +19,7 @@ from torch import nn
 from .. import __version__
 from ..calibration.layerwise import CalibrationConfig, calibrate
 from ..finetuning.adapters import load_adapter
+from ..io.hub import checkpoint_folder
 from ..loading.loader import load
 from ..model.config import OPTConfig
 from ..model.tokenizer import own_tokenizer
@@ -86,13 +87,16 @@ def compare_precisions(model_path: str | os.PathLike, precisions: Sequence[str] 
                        seqlen: int | None = None, max_windows: int | None = None, stride: int | None = None,
                        tokenizer: Any = None, reference: bool = True, text: str | None = None,
                        progress: bool = True, placement: dict[str, Any] | None = None,
-                       adapter: str | os.PathLike | None = None) -> ComparisonReport:
+                       adapter: str | os.PathLike | None = None,
+                       on_model: Callable[[str, nn.Module], None] | None = None) -> ComparisonReport:
     """Load `model_path` at each precision and measure it; see the module docstring for what a row holds.
 
     With `reference`, every quantized precision is judged against bf16 (added if missing) and bf16 / fp16
     against fp32 when fp32 is in the list; a reference model stays loaded only while something still needs it.
     `placement` (device_map, max_memory, offload_folder) and `adapter` apply to every precision alike.
+    `on_model(precision, model)` is called with each model after its measurement (the gate hashes its state).
     """
+    requested_model, model_path = str(model_path), checkpoint_folder(model_path, progress=progress)  # Hub id: once
     stored = stored_precision(model_path)
     order = _run_order(precisions, reference, stored)
     if stored is not None and order != [stored]:
@@ -108,7 +112,7 @@ def compare_precisions(model_path: str | os.PathLike, precisions: Sequence[str] 
         print(describe_windows(int(ids.numel()), seqlen, stride, max_windows), flush=True)
     refs_needed = {p: reference_for(p, order) if reference else None for p in order}
     loaded: dict[str, nn.Module] = {}
-    report = ComparisonReport(str(model_path), {"precisions": list(order), "seqlen": seqlen, "stride": stride,
+    report = ComparisonReport(requested_model, {"precisions": list(order), "seqlen": seqlen, "stride": stride,
                                                 "windows": max_windows, "reference": reference},
                               int(ids.numel()), len(windows), sum(w.scored for w in windows),
                               environment=_environment())
@@ -120,6 +124,8 @@ def compare_precisions(model_path: str | os.PathLike, precisions: Sequence[str] 
         result = evaluate_ids(model, ids, seqlen, stride, max_windows, progress,
                               reference=loaded.get(ref_name) if ref_name else None, desc=precision)
         foot = weight_footprint(model)  # after the evaluation: 4-bit layers are in their repacked state
+        if on_model is not None:
+            on_model(precision, model)
         row = PrecisionRow(precision, result.ppl, result.nll, result.seconds, load_seconds, foot.bytes,
                            foot.params, foot.bits_per_param, foot.linear_bits_per_param, kl=result.kl,
                            top1=result.top1)

@@ -1,61 +1,282 @@
-"""The perplexity regression gate: a baseline is a comparison report plus what it allows (`Tolerance`);
-`check_baseline` re-runs its settings and lists what moved.
+"""The perplexity regression gate: a baseline run, what it allows, and the verdict on a re-run.
+
+A baseline (format 2, `write_baseline`) is the JSON report of one `compare_precisions` run
+(qopt.evaluation.report) plus:
+
+- `files`: sha256 of the evaluation text and of the tokenizer files. A re-run on other files is not comparable
+  (`NotComparable`, exit 2 from the CLI); the same files giving other token or window counts is a regression.
+- `digests`: per precision, sha256 of the state dict a save writes after the evaluation's forward passes
+  (`state_dict`) and of the settings the quantized modules run with that the state dict does not hold, such as
+  LLM.int8's outlier threshold (`modules`). On CPU the 4-bit kernel reads a bf16 copy of the absmax, so
+  statistics saved wrongly (double quantization dropped, absmax rounded) cannot show in the logits; the
+  digest shows them.
+- `tolerance`: per precision (`Limits`): perplexity (relative), KL to the reference (relative, with an absolute
+  floor), top-1 agreement (percentage points) and whether the digests must match; optionally the claim that
+  each calibrated precision's gap stays at most `max_gap_ratio` x its round-to-nearest preset's gap.
+- `noise`: how the tolerances were derived (evals/gate_noise.py): the spread of each measure over repeated
+  runs in fresh processes, thread counts, run orders and CPU kernel paths, and the rule max(k x spread, floor).
+
+Every check is two-sided: a 4-bit model that suddenly agrees better with its reference is as suspect as one
+that drifts away. A format-1 baseline (perplexity with one relative tolerance) still loads; the verdict then
+lists the measures it could not check.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..bundled import bundled_model_dir
+import torch
+from torch import nn
+
+from ..errors import QoptError
+from ..model.tokenizer import own_tokenizer
 from .compare import compare_precisions
 from .report import BUNDLED, ComparisonReport, model_label
 
-DEFAULT_TOLERANCE = 0.01
-BASELINE_FORMAT = 1
+BASELINE_FORMAT = 2
+DIGESTS = ("state_dict", "modules")
 
 
-# -- the regression gate -------------------------------------------------------------------------------------
+class NotComparable(QoptError):
+    """The re-run would read other data (text or tokenizer files) than the baseline did."""
+
+
+# -- tolerances ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Limits:
+    """How far one precision may move from its baseline before the gate fails, in either direction.
+
+    The defaults are the floors evals/gate_noise.py applies (each tolerance is max(k x measured spread, floor));
+    None leaves a measure unchecked (a format-1 baseline has a perplexity tolerance only).
+    """
+
+    ppl: float | None = 0.002  # relative change of perplexity
+    kl: float | None = 0.05  # relative change of KL(reference || model), nats per token
+    kl_floor: float = 2e-6  # absolute KL change always allowed (a KL near zero has no useful relative change)
+    top1: float | None = 0.15  # top-1 agreement with the reference, percentage points
+    digests: tuple[str, ...] = DIGESTS  # the digests that must be identical
+
+    def __post_init__(self) -> None:
+        if self.ppl is not None and not 0 < self.ppl < 1:
+            raise ValueError(f"perplexity tolerance {self.ppl}: expected a relative tolerance between 0 and 1 "
+                             f"(e.g. 0.002)")
+        if self.kl is not None and not self.kl > 0:
+            raise ValueError(f"KL tolerance {self.kl}: expected a positive relative tolerance (e.g. 0.05)")
+        if not self.kl_floor >= 0:
+            raise ValueError(f"KL floor {self.kl_floor}: expected an absolute KL >= 0 (nats per token)")
+        if self.top1 is not None and not 0 < self.top1 <= 100:
+            raise ValueError(f"top-1 tolerance {self.top1}: expected percentage points in (0, 100] (e.g. 0.15)")
+        unknown = [d for d in self.digests if d not in DIGESTS]
+        if unknown or isinstance(self.digests, str):
+            raise ValueError(f"digests {self.digests!r}: expected a list of {', '.join(DIGESTS)}")
+
+    def kl_allowed(self, base: float) -> float:
+        """The absolute KL change allowed around a baseline KL of `base`."""
+        return max(self.kl * abs(base), self.kl_floor)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ppl_relative": self.ppl, "kl_relative": self.kl, "kl_floor": self.kl_floor,
+                "top1_points": self.top1, "digests": list(self.digests)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], base: "Limits | None" = None) -> "Limits":
+        """Fields given in `data` over `base` (a baseline's per-precision entry may name only some)."""
+        names = {"ppl_relative": "ppl", "kl_relative": "kl", "kl_floor": "kl_floor", "top1_points": "top1",
+                 "digests": "digests"}
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ValueError(f"unknown tolerance field {unknown[0]!r} (expected {', '.join(names)})")
+        values = {names[k]: (tuple(v) if k == "digests" else None if v is None else float(v)) for k, v in data.items()}
+        return replace(base or cls(), **values)
+
+    def describe(self) -> str:
+        parts = [] if self.ppl is None else [f"perplexity ±{self.ppl:.2%}"]
+        if self.kl is not None:
+            parts.append(f"KL ±{self.kl:.1%} (at least {self.kl_floor:.1e} nats)")
+        if self.top1 is not None:
+            parts.append(f"top-1 ±{self.top1:.2f} points")
+        if self.digests:
+            parts.append("identical " + " and ".join(d.replace("_", "-") for d in self.digests) + " digests")
+        return ", ".join(parts) or "nothing"
+
+
+LIMIT_OVERRIDES = ("ppl", "kl", "kl_floor", "top1", "digests")
+
+
 @dataclass(frozen=True)
 class Tolerance:
-    """What a baseline allows: each perplexity within ±`relative`, and optionally every calibrated precision's
-    gap at most `max_gap_ratio` times its round-to-nearest preset's gap (a claim the gate keeps true)."""
-    relative: float = DEFAULT_TOLERANCE
+    """A baseline's limits: `default` for every precision without its own entry in `precisions`, plus the
+    optional claim that a calibrated precision's gap stays at most `max_gap_ratio` x its round-to-nearest one."""
+
+    default: Limits = field(default_factory=Limits)
+    precisions: Mapping[str, Limits] = field(default_factory=dict)
     max_gap_ratio: float | None = None
 
     def __post_init__(self) -> None:
-        if not 0 < self.relative < 1:
-            raise ValueError(f"tolerance {self.relative}: expected a relative tolerance between 0 and 1 (e.g. 0.01)")
         if self.max_gap_ratio is not None and not self.max_gap_ratio > 0:
             raise ValueError(f"max_gap_ratio {self.max_gap_ratio}: expected a positive ratio (e.g. 0.5)")
 
+    def limits(self, precision: str) -> Limits:
+        return self.precisions.get(precision, self.default)
+
+    def override(self, **given: Any) -> "Tolerance":
+        """The same tolerance with the fields in `given` (ppl, kl, kl_floor, top1, digests; None = keep) set for
+        every precision, as the command line's --tolerance / --kl-tolerance / ... do."""
+        unknown = set(given) - set(LIMIT_OVERRIDES)
+        if unknown:
+            raise TypeError(f"override: unknown field {sorted(unknown)[0]!r}")
+        given = {k: v for k, v in given.items() if v is not None}
+        if not given:
+            return self
+        return Tolerance(replace(self.default, **given),
+                         {p: replace(lim, **given) for p, lim in self.precisions.items()},
+                         self.max_gap_ratio)
+
     @classmethod
-    def coerce(cls, value: "Tolerance | float") -> "Tolerance":
-        """A Tolerance as given, or a bare relative tolerance wrapped in one."""
-        return value if isinstance(value, cls) else cls(value)
+    def coerce(cls, value: "Tolerance | Limits | float") -> "Tolerance":
+        """A Tolerance as given; Limits for every precision; a bare number as the perplexity tolerance."""
+        if isinstance(value, cls):
+            return value
+        return cls(value if isinstance(value, Limits) else Limits(ppl=float(value)))
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"default": self.default.to_dict()}
+        if self.precisions:
+            data["precisions"] = {p: lim.to_dict() for p, lim in self.precisions.items()}
+        if self.max_gap_ratio is not None:
+            data["max_gap_ratio"] = self.max_gap_ratio
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Tolerance":
+        default = Limits.from_dict(data.get("default", {}))
+        precisions = {p: Limits.from_dict(v, default) for p, v in data.get("precisions", {}).items()}
+        ratio = data.get("max_gap_ratio")
+        return cls(default, precisions, None if ratio is None else float(ratio))
 
     def describe(self) -> str:
-        ratio = "" if self.max_gap_ratio is None else f", calibrated gap <= {self.max_gap_ratio:g} x round-to-nearest"
-        return f"±{self.relative:.2%}{ratio}"
+        own = sorted(p for p, lim in self.precisions.items() if lim != self.default)
+        text = self.default.describe() + (f"; own limits for {', '.join(own)}" if own else "")
+        if self.max_gap_ratio is not None:
+            text += f"; calibrated gap <= {self.max_gap_ratio:g} x round-to-nearest"
+        return text
 
 
-def write_baseline(report: ComparisonReport, path: str | os.PathLike, tolerance: Tolerance | float = Tolerance()
-                   ) -> None:
-    """A report plus what the gate allows; its settings are what `check_baseline` re-runs."""
+# -- what a run records besides its report ---------------------------------------------------------------------
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def data_files(model_path: str | os.PathLike) -> dict[str, dict[str, str]]:
+    """sha256 of the files the evaluation reads: the WikiText-2 test text and the tokenizer files (the model's
+    own when it has them, as `own_tokenizer` decides, else the bundled ones)."""
+    from ..bundled import bundled_tokenizer_dir, wikitext2_test_path
+
+    text = wikitext2_test_path()
+    folder = Path(model_path)
+    if not ((folder / "tokenizer.json").exists() or (folder / "vocab.json").exists()):
+        folder = bundled_tokenizer_dir()
+    names = ("tokenizer.json",) if (folder / "tokenizer.json").exists() else ("vocab.json", "merges.txt")
+    return {"text": {text.name: _sha256_file(text)},
+            "tokenizer": {name: _sha256_file(folder / name) for name in names if (folder / name).exists()}}
+
+
+def _module_settings(module: nn.Module) -> dict[str, Any] | None:
+    """What a quantized module computes with beyond its saved tensors; None for other modules."""
+    import bitsandbytes as bnb
+
+    if isinstance(module, bnb.nn.Linear8bitLt):
+        return {"kind": "int8", "threshold": float(module.state.threshold),
+                "has_fp16_weights": bool(module.state.has_fp16_weights)}
+    if isinstance(module, bnb.nn.Linear4bit):
+        weight = module.weight
+        return {"kind": "4bit", "quant_type": getattr(weight, "quant_type", None),
+                "blocksize": getattr(weight, "blocksize", None),
+                "compress_statistics": bool(getattr(weight, "compress_statistics", False)),
+                "compute_dtype": str(module.compute_dtype)}
+    return None
+
+
+def state_digests(model: nn.Module) -> dict[str, str]:
+    """sha256 of the model's state dict as a save writes it now (names, dtypes, shapes, bytes) and of its
+    quantization settings (the config's quantization_config, each quantized module's threshold, format, block
+    size and compute dtype). Called after a forward, so the 4-bit layers are in their CPU-repacked state."""
+    state = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        state.update(f"{key} {str(t.dtype).removeprefix('torch.')} {list(t.shape)}\n".encode())
+        state.update(t.reshape(-1).view(torch.uint8).numpy())
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    modules = {name: s for name, m in model.named_modules() if (s := _module_settings(m)) is not None}
+    settings = json.dumps({"quantization_config": config, "modules": modules}, sort_keys=True, default=str)
+    return {"state_dict": state.hexdigest(), "modules": hashlib.sha256(settings.encode()).hexdigest()}
+
+
+@dataclass
+class Measurement:
+    """One run of a gate's settings: the report, each precision's digests, the data files it read.
+
+    `stopped` says why no precision ran (the text gave other token counts than the baseline's)."""
+
+    report: ComparisonReport
+    digests: dict[str, dict[str, str]] = field(default_factory=dict)
+    files: dict[str, dict[str, str]] = field(default_factory=dict)
+    stopped: str | None = None
+
+
+def measure(model_path: str | os.PathLike, precisions: Sequence[str], seqlen: int | None = None,
+            max_windows: int | None = None, stride: int | None = None, reference: bool = True,
+            progress: bool = True, **options: Any) -> Measurement:
+    """`compare_precisions` (`options`: placement, adapter) with each model's digests taken after its
+    evaluation, and the data files' hashes."""
+    digests: dict[str, dict[str, str]] = {}
+    report = compare_precisions(model_path, precisions, seqlen, max_windows, stride, reference=reference,
+                                progress=progress, on_model=lambda p, m: digests.__setitem__(p, state_digests(m)),
+                                **options)
+    return Measurement(report, digests, data_files(model_path))
+
+
+# -- baselines -------------------------------------------------------------------------------------------------
+@dataclass
+class Baseline:
+    """A baseline file as read: its report, tolerance and what format 2 adds (None / {} in a format-1 file)."""
+
+    report: ComparisonReport
+    tolerance: Tolerance
+    format: int = BASELINE_FORMAT
+    files: dict[str, dict[str, str]] | None = None
+    digests: dict[str, dict[str, str]] = field(default_factory=dict)
+    noise: dict[str, Any] | None = None
+    path: str = ""
+
+
+def write_baseline(run: Measurement, path: str | os.PathLike, tolerance: Tolerance | Limits | float = Tolerance(),
+                   noise: Mapping[str, Any] | None = None) -> None:
+    """A run plus what the gate allows (format 2); its settings are what `rerun_baseline` runs again."""
     tolerance = Tolerance.coerce(tolerance)
-    if tolerance.max_gap_ratio is not None and not report.gap_ratios():
+    if tolerance.max_gap_ratio is not None and not run.report.gap_ratios():
         raise ValueError("max_gap_ratio needs a calibrated precision and its round-to-nearest preset in the run "
                          "(e.g. nf4 and nf4-calibrated)")
-    limits = {"relative": tolerance.relative}
-    if tolerance.max_gap_ratio is not None:
-        limits["max_gap_ratio"] = tolerance.max_gap_ratio
-    data = {"format": BASELINE_FORMAT, "tolerance": limits}
-    replace(report, model=model_label(report.model)).save_json(path, extra=data)
+    if run.stopped:
+        raise ValueError(f"cannot write a baseline from a run that measured nothing ({run.stopped})")
+    extra: dict[str, Any] = {"format": BASELINE_FORMAT, "files": run.files, "digests": run.digests,
+                             "tolerance": tolerance.to_dict()}
+    if noise is not None:
+        extra["noise"] = dict(noise)
+    replace(run.report, model=model_label(run.report.model)).save_json(path, extra=extra)
 
 
-def read_baseline(path: str | os.PathLike) -> tuple[ComparisonReport, Tolerance]:
+def read_baseline(path: str | os.PathLike) -> Baseline:
+    """A format-2 baseline, or a format-1 one (perplexity tolerance only; no digests or file hashes)."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -63,66 +284,82 @@ def read_baseline(path: str | os.PathLike) -> tuple[ComparisonReport, Tolerance]
         raise FileNotFoundError(f"{path}: no such baseline file") from None
     except (OSError, ValueError) as err:
         raise ValueError(f"{path}: not a readable JSON baseline ({err})") from None
-    if data.get("format") != BASELINE_FORMAT:
-        raise ValueError(f"{path}: field 'format' is {data.get('format')!r}, expected {BASELINE_FORMAT}")
+    if not isinstance(data, dict) or data.get("format") not in (1, BASELINE_FORMAT):
+        found = data.get("format") if isinstance(data, dict) else None
+        raise ValueError(f"{path}: field 'format' is {found!r}, expected 1 or {BASELINE_FORMAT}")
     try:
-        limits = data["tolerance"]
-        relative = float(limits["relative"])
-        ratio = limits.get("max_gap_ratio")
-        ratio = None if ratio is None else float(ratio)
         report = ComparisonReport.from_dict(data)
         missing = [k for k in ("precisions", "seqlen") if k not in report.settings]
         if missing:
             raise KeyError(f"settings.{missing[0]}")
+        limits = data["tolerance"]
+        if data["format"] == 1:
+            ratio = limits.get("max_gap_ratio")
+            untested = Limits(ppl=float(limits["relative"]), kl=None, top1=None, digests=())
+            return Baseline(report, Tolerance(untested, {}, None if ratio is None else float(ratio)), 1,
+                            path=str(path))
+        tolerance = Tolerance.from_dict(limits)
+        files = {kind: dict(data["files"][kind]) for kind in ("text", "tokenizer")}
+        digests = {p: {k: str(d[k]) for k in DIGESTS} for p, d in data.get("digests", {}).items()}
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise ValueError(f"{path}: malformed baseline (missing or bad field {err})") from None
-    try:
-        return report, Tolerance(relative, ratio)
-    except ValueError as err:
-        raise ValueError(f"{path}: field 'tolerance': {err}") from None
+    return Baseline(report, tolerance, BASELINE_FORMAT, files, digests, data.get("noise"), str(path))
 
 
-def baseline_model_path(baseline: ComparisonReport) -> str:
-    return str(bundled_model_dir()) if baseline.model == BUNDLED else baseline.model
+def baseline_model_path(baseline: Baseline | ComparisonReport) -> str:
+    from ..bundled import bundled_model_dir
+
+    report = baseline.report if isinstance(baseline, Baseline) else baseline
+    return str(bundled_model_dir()) if report.model == BUNDLED else report.model
 
 
-def rerun_baseline(baseline: ComparisonReport, model_path: str | os.PathLike | None = None,
-                   progress: bool = True, **options: Any) -> ComparisonReport:
-    """The baseline's exact settings (precisions, seqlen, stride, window prefix, references) run again;
-    `options` (placement, adapter) go to `compare_precisions`."""
-    s = baseline.settings
-    return compare_precisions(model_path or baseline_model_path(baseline), s["precisions"], s["seqlen"],
-                              s.get("windows"), s.get("stride"), reference=s.get("reference", True),
-                              progress=progress, **options)
+def select_precisions(baseline: Baseline, precisions: Sequence[str] | None = None) -> list[str]:
+    """The baseline's precisions, or the subset asked for, in the baseline's order (compare_precisions adds the
+    bf16 reference of a quantized one, as in any run)."""
+    names = list(baseline.report.settings["precisions"])
+    if precisions is None:
+        return names
+    unknown = [p for p in precisions if p not in names]
+    if unknown:
+        raise ValueError(f"--precisions: {', '.join(unknown)} not in the baseline {baseline.path} "
+                         f"(it has {' '.join(names)})")
+    return [p for p in names if p in precisions]
 
 
-def check_baseline(measured: ComparisonReport, baseline: ComparisonReport, tolerance: Tolerance | float
-                   ) -> list[str]:
-    """One line per violation: a perplexity outside baseline * (1 ± relative), a changed token count, or a
-    calibrated gap above max_gap_ratio x its round-to-nearest gap."""
-    tolerance = Tolerance.coerce(tolerance)
-    problems = []
-    if (measured.windows, measured.tokens) != (baseline.windows, baseline.tokens):
-        problems.append(f"data: {measured.windows} windows / {measured.tokens:,} scored tokens, baseline "
-                        f"{baseline.windows} / {baseline.tokens:,} (tokenizer or text changed)")
-    for base in baseline.rows:
-        row = measured.row(base.precision)
-        if row is None:
-            problems.append(f"{base.precision}: not measured (baseline {base.ppl:.4f})")
-            continue
-        moved = (row.ppl - base.ppl) / base.ppl
-        if not abs(moved) <= tolerance.relative:  # also catches NaN
-            problems.append(f"{base.precision}: perplexity {row.ppl:.4f} vs baseline {base.ppl:.4f} "
-                            f"({moved:+.2%}), tolerance ±{tolerance.relative:.2%}")
-    if tolerance.max_gap_ratio is not None:
-        ratios = measured.gap_ratios()
-        for name in baseline.gap_ratios():
-            if name not in ratios:
-                problems.append(f"{name}: its round-to-nearest preset no longer shows a positive gap (or did not "
-                                f"run), so the ratio cannot be checked")
-                continue
-            ratio, gap, rtn_gap = ratios[name]
-            if not ratio <= tolerance.max_gap_ratio:
-                problems.append(f"{name}: gap {gap:+.4f} is {ratio:.2f} x round-to-nearest's {rtn_gap:+.4f}, "
-                                f"allowed {tolerance.max_gap_ratio:g} x")
-    return problems
+def check_files(baseline: Baseline, model_path: str | os.PathLike) -> dict[str, dict[str, str]]:
+    """The data files' hashes now; `NotComparable` when they differ from the ones the baseline recorded."""
+    files = data_files(model_path)
+    if baseline.files is None:
+        return files
+    changed = [f"{kind} file {name} (sha256 {files[kind].get(name, 'missing')[:12]}, baseline {sha[:12]})"
+               for kind in ("text", "tokenizer") for name, sha in baseline.files.get(kind, {}).items()
+               if files[kind].get(name) != sha]
+    changed += [f"{kind} file {name} (not in the baseline)" for kind in ("text", "tokenizer")
+                for name in files[kind] if name not in baseline.files.get(kind, {})]
+    if changed:
+        raise NotComparable(f"{baseline.path}: not comparable: other data than the baseline's: {'; '.join(changed)}")
+    return files
+
+
+def rerun_baseline(baseline: Baseline, model_path: str | os.PathLike | None = None,
+                   precisions: Sequence[str] | None = None, progress: bool = True, **options: Any) -> Measurement:
+    """The baseline's settings (seqlen, stride, window prefix, references) run again on its precisions or the
+    `precisions` subset. Other data files raise `NotComparable` before anything runs; when the text gives other
+    token counts no model runs either (nothing would be comparable) and the measurement says so."""
+    from .perplexity import cut_windows, text_ids
+
+    path = model_path or baseline_model_path(baseline)
+    s = baseline.report.settings
+    files = check_files(baseline, path)
+    ids = text_ids(None, own_tokenizer(path))  # cached per process: compare_precisions reuses it
+    seqlen = s["seqlen"]
+    windows = cut_windows(int(ids.numel()), seqlen, s.get("stride"), s.get("windows"))
+    counts = (int(ids.numel()), len(windows), sum(w.scored for w in windows))
+    base = baseline.report
+    if counts != (base.total_tokens, base.windows, base.tokens):
+        report = ComparisonReport(str(path), dict(s), *counts)
+        return Measurement(report, {}, files, stopped="the text gives other token counts than the baseline's")
+    run = measure(path, select_precisions(baseline, precisions), seqlen, s.get("windows"), s.get("stride"),
+                  reference=s.get("reference", True), progress=progress, **options)
+    run.files = files
+    return run

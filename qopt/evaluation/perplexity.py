@@ -106,7 +106,8 @@ class PerplexityResult:
     """Token perplexity = exp(nll), nll = mean negative log-likelihood (nats) over the scored tokens.
 
     `seconds` is the time spent in the measured model's forward passes (not the reference's, not scoring);
-    `kl` (reference || model, nats per token) and `top1` (argmax agreement) are set when a reference ran.
+    `kl` (reference || model, nats per token) and `top1` (argmax agreement) are set when a reference ran;
+    `streaming` is set for a layer-major run (`qopt.evaluation.streamed`): bytes read, hidden-state budget.
     """
 
     ppl: float
@@ -119,6 +120,7 @@ class PerplexityResult:
     stride: int
     kl: float | None = None
     top1: float | None = None
+    streaming: dict[str, Any] | None = None
 
     def summary(self) -> str:
         line = (f"perplexity {self.ppl:.4f} (nll {self.nll:.5f}) over {self.tokens:,} scored tokens, "
@@ -128,6 +130,11 @@ class PerplexityResult:
         line += f", {self.seconds:.1f} s"
         if self.kl is not None:
             line += f"; KL {self.kl:.5f}, top-1 agreement {self.top1:.2%}"
+        if self.streaming:
+            from ..place.streaming import describe_budget
+
+            line += (f"; layer-major, {self.streaming['bytes_read'] / 2**20:,.1f} MiB read from disk, "
+                     f"{describe_budget(self.streaming)}")
         return line
 
     def to_dict(self) -> dict[str, Any]:
@@ -156,6 +163,15 @@ class _Totals:
                 self.kl += kl.clamp_min(0).double().sum().item()
                 self.top1 += (ref_logp.argmax(-1) == logp.argmax(-1)).sum().item()
             self.count += target.shape[0]
+
+    def result(self, windows: int, seconds: float, total_tokens: int, seqlen: int, stride: int | None,
+               compared: bool, **extra: Any) -> "PerplexityResult":
+        """The means, once, as the result both the window-major and the layer-major loops return."""
+        nll = self.nll / self.count
+        return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=self.count, windows=windows, seconds=seconds,
+                                total_tokens=total_tokens, seqlen=seqlen, stride=seqlen if stride is None else stride,
+                                kl=self.kl / self.count if compared else None,
+                                top1=self.top1 / self.count if compared else None, **extra)
 
 
 def _forward_fn(model: Callable[..., Any]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -188,8 +204,12 @@ def _check_seqlen(model: Any, seqlen: int | None) -> int:
 @torch.no_grad()
 def evaluate_ids(model: Any, ids: torch.Tensor, seqlen: int | None = None, stride: int | None = None,
                  max_windows: int | None = None, progress: bool = True, reference: Any = None,
-                 desc: str = "Perplexity") -> PerplexityResult:
+                 desc: str = "Perplexity", streamed: bool | None = None, **stream_options: Any) -> PerplexityResult:
     """Perplexity of `model` on a 1-D token tensor; with `reference`, also KL and top-1 agreement.
+
+    A qopt model with decoder layers on disk runs layer-major (`streamed=None`, the default; see
+    `qopt.evaluation.streamed`, which takes `stream_options`): each offloaded layer is read once, not once per
+    window. `streamed=False` forces the window-major loop, `True` layer-major for any qopt model.
 
     Both models see the same window one after the other, so no logits are held beyond one window. Models are
     put in eval mode (quantized layers take their inference path) and given back in the mode they came in.
@@ -203,6 +223,20 @@ def evaluate_ids(model: Any, ids: torch.Tensor, seqlen: int | None = None, strid
     for m in models:
         if hasattr(m, "eval"):
             m.eval()
+    if streamed is None:
+        from ..place.streaming import has_offloaded_layers
+
+        streamed = has_offloaded_layers(model)
+    if streamed:
+        from .streamed import evaluate_streamed
+
+        try:
+            return evaluate_streamed(model, ids, windows, seqlen, stride, reference, progress, desc,
+                                     **stream_options)
+        finally:
+            for m, mode in zip(models, was_training):
+                if hasattr(m, "train"):
+                    m.train(mode)
     forward, ref_forward = _forward_fn(model), _forward_fn(reference) if reference is not None else None
     device, ref_device = input_device(model), input_device(reference) if reference is not None else None
     totals, seconds = _Totals(), 0.0
@@ -227,13 +261,7 @@ def evaluate_ids(model: Any, ids: torch.Tensor, seqlen: int | None = None, strid
         for m, mode in zip(models, was_training):
             if hasattr(m, "train"):
                 m.train(mode)
-    nll = totals.nll / totals.count
-    compared = reference is not None
-    return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=totals.count, windows=len(windows),
-                            seconds=seconds, total_tokens=int(ids.numel()), seqlen=seqlen,
-                            stride=seqlen if stride is None else stride,
-                            kl=totals.kl / totals.count if compared else None,
-                            top1=totals.top1 / totals.count if compared else None)
+    return totals.result(len(windows), seconds, int(ids.numel()), seqlen, stride, reference is not None)
 
 
 def describe_windows(total_tokens: int, seqlen: int, stride: int | None = None,
@@ -249,14 +277,17 @@ def describe_windows(total_tokens: int, seqlen: int, stride: int | None = None,
 
 def evaluate_perplexity(model: Any, tokenizer: Any = None, text: str | None = None, seqlen: int | None = None,
                         stride: int | None = None, max_windows: int | None = None, progress: bool = True,
-                        reference: Any = None) -> PerplexityResult:
+                        reference: Any = None, streamed: bool | None = None, **stream_options: Any
+                        ) -> PerplexityResult:
     """WikiText-2 test perplexity of `model` (GPTQ protocol; `seqlen` defaults to max_position_embeddings).
 
     `text` replaces the WikiText-2 test text; `tokenizer` defaults to the bundled OPT tokenizer; `max_windows`
     keeps a prefix of the windows; `reference` (a model) adds KL(reference || model) and top-1 agreement.
+    With decoder layers on disk the run is layer-major (`streamed`, `stream_options`: see `evaluate_ids`).
     """
     ids = text_ids(text, tokenizer)
     seqlen = _check_seqlen(model, seqlen)
     if progress:
         tqdm.write(describe_windows(int(ids.numel()), seqlen, stride, max_windows))
-    return evaluate_ids(model, ids, seqlen, stride, max_windows, progress, reference)
+    return evaluate_ids(model, ids, seqlen, stride, max_windows, progress, reference, streamed=streamed,
+                        **stream_options)

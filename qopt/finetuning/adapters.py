@@ -17,7 +17,9 @@ from torch import nn
 
 from ..errors import AdapterError
 from ..io.atomic import atomic_write_text, publish_folder, staging_folder
-from ..io.checkpoint import ADAPTER_BIN, ADAPTER_CONFIG, ADAPTER_WEIGHTS, write_safetensors_shards
+from ..io.checkpoint import (ADAPTER_BIN, ADAPTER_CONFIG, ADAPTER_WEIGHTS, BIN_INDEX, BIN_WEIGHTS, SAFE_INDEX,
+                             SAFE_WEIGHTS, write_safetensors_shards)
+from ..io.hub import model_name
 from .lora import (ALL_LINEAR, LoraConfig, ModulesToSave, adapter_biases, adapter_set, add_lora, bias_parameters,
                    delete_adapter, lora_layers, set_adapter_biases, task_type_of)
 
@@ -156,16 +158,31 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str 
     name = adapter_name or adapters.active
     state = adapter_state_dict(model, name)
     folder = Path(folder)
+    refuse_model_folder(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = staging_folder(folder)
     write_adapter_files(tmp, adapters.configs[name], state)
     publish_folder(tmp, folder)
 
 
+def refuse_model_folder(folder: Path) -> None:
+    """An adapter never goes into a model folder: the save would replace the model's weights, and loaders that
+    find an adapter beside a model read it too (vLLM's bitsandbytes loader, transformers)."""
+    weights = next((n for n in (SAFE_WEIGHTS, SAFE_INDEX, BIN_WEIGHTS, BIN_INDEX) if (folder / n).exists()), None)
+    if weights and (folder / "config.json").is_file():
+        raise AdapterError(f"{folder}: holds a model (config.json + {weights}); save the adapter to its own folder")
+
+
 def write_adapter_files(folder: Path, config: LoraConfig, state: dict[str, torch.Tensor]) -> None:
     """The two files of an adapter into an existing folder (a staging folder of the caller's)."""
     atomic_write_text(folder / ADAPTER_CONFIG, json.dumps(config_to_dict(config), indent=2) + "\n")
     write_safetensors_shards(state, folder, max_shard_size=2**62, prefix=ADAPTER_WEIGHTS.removesuffix(".safetensors"))
+
+
+def _base_name(name_or_path: str) -> str:
+    """The last part of a base model's name: a Hub id, a local folder and the HF cache's snapshot folder of the
+    same repo (…/models--facebook--opt-125m/snapshots/<commit>) all give "opt-125m"."""
+    return Path(model_name(str(name_or_path)).rstrip("/")).name.lower()
 
 
 def _check_base(model: nn.Module, config: LoraConfig, source: str) -> None:
@@ -176,7 +193,7 @@ def _check_base(model: nn.Module, config: LoraConfig, source: str) -> None:
                            f"{type(model).__name__} ({task})")
     ours = getattr(model, "name_or_path", None)
     theirs = config.base_model_name_or_path
-    if ours and theirs and Path(str(ours).rstrip("/")).name.lower() != Path(theirs.rstrip("/")).name.lower():
+    if ours and theirs and _base_name(ours) != _base_name(theirs):
         raise AdapterError(f"{source}: made for base model {theirs!r}, this model is {ours!r} "
                            f"(pass check_base=False if they are the same weights)")
 

@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ..io.hub import cached_folder
 from .lora import LoraConfig
 
 # TrainingArguments fields that change the trained weights.
@@ -45,7 +46,7 @@ def base_fingerprint(name_or_path: str | os.PathLike | None, config: dict[str, A
     """The base model's folder name, resolved path and config.json (or `config` for a model built in memory)."""
     if name_or_path is None:
         return {"name": None, "path": None, "config": config}
-    path = Path(name_or_path)
+    path = cached_folder(name_or_path) or Path(name_or_path)  # a Hub id: its snapshot (a new commit is a new base)
     file = path / "config.json"
     if file.is_file():
         config = json.loads(file.read_text(encoding="utf-8"))

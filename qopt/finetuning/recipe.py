@@ -13,6 +13,7 @@ import torch
 from accelerate.utils import set_seed
 from torch import nn
 
+from ..io.hub import resolve_model
 from ..io.outputs import check_output_folder
 from ..loading.loader import load
 from ..model.config import OPTConfig
@@ -80,7 +81,7 @@ def finetune(model_path: str | Path, data: str | Path, args: TrainingArguments, 
         raise ValueError(f"task {task!r}: expected one of {TASKS}")
     check_output_folder(args.output_dir, [model_path], adapter=True)  # before any work
     check_one_device_per_rank(device_map)  # under torchrun: one device per rank
-    config = OPTConfig.from_pretrained(model_path)
+    config = OPTConfig.from_pretrained(resolve_model(model_path).folder)  # a Hub id: its config from the cache
     block_size = block_size or min(256, config.max_position_embeddings)
     max_length = max_length or config.max_position_embeddings
     length = block_size if task == "causal-lm" else max_length

@@ -7,7 +7,7 @@ import os
 import pickle
 import struct
 import zipfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,9 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_BIN = "adapter_model.bin"
+# Files beside the weights that belong to the checkpoint: copied into quantized copies, fetched with a Hub model.
+AUXILIARY_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "generation_config.json")
 _ST_DTYPES = {"F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2),
               "BF16": (torch.bfloat16, 2), "I64": (torch.int64, 8), "I32": (torch.int32, 4),
               "I16": (torch.int16, 2), "I8": (torch.int8, 1), "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
@@ -135,6 +138,13 @@ def read_safetensors_header(file: Path) -> tuple[dict[str, TensorInfo], dict[str
             raw = fh.read(n)
     except OSError as err:
         raise CheckpointError(f"{file}: cannot read ({err.strerror or err})") from None
+    return parse_safetensors_header(file, raw, size)
+
+
+def parse_safetensors_header(file: Path, raw: bytes, size: int) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Check a header's JSON (`raw`, without its 8-byte length) against a file of `size` bytes; a header read
+    by HTTP range is checked exactly like one read from disk."""
+    n = len(raw)
     try:
         header = _load_json(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as err:
@@ -165,7 +175,7 @@ def _is_file_name(name: Any) -> bool:
         and Path(name).name == name
 
 
-def _read_index(index_file: Path) -> dict[str, str]:
+def read_index(index_file: Path) -> dict[str, str]:
     """The index's weight_map: each tensor name mapped to the name of a shard file inside the folder."""
     expected = "expected JSON with a 'weight_map' object of tensor name -> shard file name"
     try:
@@ -184,35 +194,48 @@ def _read_index(index_file: Path) -> dict[str, str]:
     return weight_map
 
 
-def inspect_checkpoint(folder: str | os.PathLike) -> CheckpointFiles:
-    """Find the weight files of a folder and validate index and every header before any tensor is read."""
+def weights_layout(has: Callable[[str], bool], where: str) -> tuple[str, str, str]:
+    """(format, index name, single-file name) of a checkpoint whose files `has` knows: a folder, or a Hub repo's
+    file list before anything is downloaded. safetensors win over .bin, as in transformers."""
+    if has(SAFE_INDEX) and has(SAFE_WEIGHTS):
+        # transformers reads the single file, an index-first reader the shards: one of them is stale
+        raise CheckpointError(f"{where}: holds both {SAFE_WEIGHTS} and {SAFE_INDEX}, so it is unclear which "
+                              f"weights are current; remove the stale one")
+    if has(SAFE_INDEX) or has(SAFE_WEIGHTS):
+        return "safetensors", SAFE_INDEX, SAFE_WEIGHTS
+    if has(BIN_INDEX) or has(BIN_WEIGHTS):
+        return "bin", BIN_INDEX, BIN_WEIGHTS
+    raise CheckpointError(f"{where}: no weights found (expected {SAFE_WEIGHTS}, {SAFE_INDEX}, "
+                          f"{BIN_WEIGHTS} or {BIN_INDEX})")
+
+
+def inspect_checkpoint(folder: str | os.PathLike, shard_path: Callable[[str], Path] | None = None,
+                       read_header: Callable[[Path], tuple[dict[str, TensorInfo], dict[str, str]]] | None = None,
+                       elsewhere: Collection[str] = ()) -> CheckpointFiles:
+    """Find the weight files of a folder and validate index and every header before any tensor is read.
+
+    For a streamed download, `elsewhere` names weight files not in the folder yet, `shard_path` maps a shard's
+    file name to where it will be once fetched and `read_header` reads its header from where it is now.
+    """
     folder = Path(folder)
+    read_header = read_header or read_safetensors_header
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such checkpoint folder")
-    if (folder / SAFE_INDEX).exists() and (folder / SAFE_WEIGHTS).exists():
-        # transformers reads the single file, an index-first reader the shards: one of them is stale
-        raise CheckpointError(f"{folder}: holds both {SAFE_WEIGHTS} and {SAFE_INDEX}, so it is unclear which "
-                              f"weights are current; remove the stale one")
-    if (folder / SAFE_INDEX).exists() or (folder / SAFE_WEIGHTS).exists():
-        fmt = "safetensors"
-        index_file, single = folder / SAFE_INDEX, folder / SAFE_WEIGHTS
-    elif (folder / BIN_INDEX).exists() or (folder / BIN_WEIGHTS).exists():
-        fmt = "bin"
-        index_file, single = folder / BIN_INDEX, folder / BIN_WEIGHTS
-    else:
-        raise CheckpointError(f"{folder}: no weights found (expected {SAFE_WEIGHTS}, {SAFE_INDEX}, "
-                              f"{BIN_WEIGHTS} or {BIN_INDEX})")
-    weight_map = _read_index(index_file) if index_file.exists() else None
-    shards = sorted({folder / f for f in weight_map.values()}) if weight_map else [single]
+    fmt, index_name, single_name = weights_layout(lambda name: (folder / name).exists() or name in elsewhere,
+                                                  str(folder))
+    index_file, single = folder / index_name, folder / single_name
+    weight_map = read_index(index_file) if index_file.exists() else None
+    locate = shard_path or (lambda name: folder / name)
+    shards = sorted({locate(f) for f in weight_map.values()}) if weight_map else [locate(single.name)]
     for shard in shards:
-        if not shard.is_file():
+        if shard_path is None and not shard.is_file():
             named_by = index_file.name if weight_map else "the folder's layout"
             raise CheckpointError(f"{shard}: shard named by {named_by} is missing")
     tensors: dict[str, TensorInfo] = {}
     metadata: dict[str, str] = {}
     if fmt == "safetensors":
         for shard in shards:
-            found, meta = read_safetensors_header(shard)
+            found, meta = read_header(shard)
             twice = next(iter(found.keys() & tensors.keys()), None)
             if twice is not None:
                 raise CheckpointError(f"{shard}: tensor '{twice}' is also in {tensors[twice].file.name}")

@@ -22,7 +22,8 @@ from accelerate.utils import set_module_tensor_to_device
 from tqdm.auto import tqdm
 
 from ..errors import CheckpointError, ConfigError, PlanError
-from ..io.checkpoint import CheckpointFiles, check_tensor_shapes, inspect_checkpoint, iter_shard_tensors, normalize_key
+from ..io.checkpoint import AUXILIARY_FILES, CheckpointFiles, check_tensor_shapes, iter_shard_tensors, normalize_key
+from ..io.hub import cached_folder, resolve_model
 from ..io.outputs import check_output_folder
 from ..model.config import OPTConfig
 from ..model.network import LAYER_PREFIX, OPTForCausalLM, OPTModel, OPTPreTrainedModel, decoder_layer_index
@@ -97,7 +98,9 @@ def load(path: str | os.PathLike, *, quantization: Any = None, quantization_conf
          torch_dtype: str | torch.dtype | None = "auto", dtype: str | torch.dtype | None = None,
          device_map: Any = None, max_memory: dict[Any, Any] | None = None,
          offload_folder: str | os.PathLike | None = None, model_class: type[OPTPreTrainedModel] = OPTForCausalLM,
-         progress: bool = True, **config_overrides: Any) -> OPTPreTrainedModel:
+         progress: bool = True, revision: str | None = None, token: str | bool | None = None,
+         cache_dir: str | os.PathLike | None = None, local_files_only: bool = False, keep_download: bool = True,
+         **config_overrides: Any) -> OPTPreTrainedModel:
     """Load a local HF OPT checkpoint folder, optionally quantizing it on the fly; returns the model in eval mode.
 
     `quantization` (alias `quantization_config`): "int8" | "nf4" | "fp4" | "nf4-dq" | "fp4-dq", a
@@ -107,13 +110,20 @@ def load(path: str | os.PathLike, *, quantization: Any = None, quantization_conf
     `device_map`: None (all on CPU), a device, a dict, or "auto" | "balanced" | "balanced_low_0" | "sequential"
     (planned with `max_memory`, e.g. {0: "20GiB", "cpu": "30GiB"}); layers that fit nowhere go to
     `offload_folder` and are read back at each forward. `model.hf_device_map` says where everything went.
+
+    `path` is a checkpoint folder or a Hub id (`facebook/opt-125m`; `revision`, `token`, `cache_dir`,
+    `local_files_only` as in transformers): shards download one after another while the previous one is
+    quantized, into the HF cache, or with `keep_download=False` into a scratch folder that keeps at most two.
+    Other keyword arguments override config.json fields (e.g. `num_labels=3`); an unknown name is an error.
     """
-    path = Path(path)
+    source = resolve_model(path, revision=revision, token=token, cache_dir=cache_dir,
+                           local_files_only=local_files_only, keep_download=keep_download, progress=progress)
+    path = source.folder
     config = OPTConfig.from_pretrained(path)
     for key, value in config_overrides.items():
-        setattr(config, key, value)
+        setattr(config, _config_field(key), value)
     config.validate(str(path / "config.json"))
-    files = inspect_checkpoint(path)
+    files = source.checkpoint()
     quant, pre_quantized = resolve_quantization(quantization if quantization is not None else quantization_config,
                                                 config, str(path))
     dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config, _computes_on_cpu(device_map))
@@ -124,10 +134,10 @@ def load(path: str | os.PathLike, *, quantization: Any = None, quantization_conf
     check_offloadable(placement)
     offload = _offload_target(model, dtype, placement, offload_folder, path)
     shard_loader = _ShardLoader(model, files, quant, pre_quantized, dtype, placement, offload, path)
-    total = sum(f.stat().st_size for f in files.shards)
     try:
-        with tqdm(total=total, unit="B", unit_scale=True, desc="Loading", disable=not progress) as bar:
-            for shard in files.shards:
+        with source.stream(files) as shards, \
+                tqdm(total=shards.total_bytes, unit="B", unit_scale=True, desc="Loading", disable=not progress) as bar:
+            for shard in shards:
                 bar.set_description(f"Loading {shard.name}")
                 for raw_name, tensor in iter_shard_tensors(files, shard):
                     shard_loader.put(raw_name, tensor, shard)
@@ -139,7 +149,7 @@ def load(path: str | os.PathLike, *, quantization: Any = None, quantization_conf
         raise
     dispatch(model, placement, offload)
     model.hf_device_map = placement
-    model.name_or_path = str(path)  # lets adapters check which base they were trained on
+    model.name_or_path = source.name  # lets adapters check which base they were trained on (a Hub id stays one)
     if quant is not None:
         model.config.quantization_config = quant.to_dict()
     logger.info("%s: %s, %d layers quantized; placement: %s", path, quant.name if quant else str(dtype),
@@ -147,19 +157,18 @@ def load(path: str | os.PathLike, *, quantization: Any = None, quantization_conf
     return model.eval()
 
 
-AUXILIARY_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-                   "added_tokens.json", "generation_config.json")
-
-
 def quantize_checkpoint(path: str | os.PathLike, out: str | os.PathLike, quantization: Any, *,
                         torch_dtype: str | torch.dtype = "bfloat16", max_shard_size: str | int = "2GB",
-                        overwrite: bool = False) -> tuple[int, int]:
-    """Stream a float checkpoint into a quantized model and write it pre-quantized (atomically), with the
-    source's tokenizer files; returns (quantized layers, bytes of weights written). `out` may not overlap the
-    source, and replaces an existing model only with `overwrite=True` (checked before any work)."""
-    check_output_folder(out, [path], overwrite=overwrite)
-    model = load(path, quantization=quantization, torch_dtype=torch_dtype)
-    extras = [Path(path) / name for name in AUXILIARY_FILES if (Path(path) / name).is_file()]
+                        overwrite: bool = False, **hub: Any) -> tuple[int, int]:
+    """Stream a float checkpoint (a folder or a Hub id; `hub`: revision, keep_download, ... as in `load`) into a
+    quantized model and write it pre-quantized (atomically), with the source's tokenizer files; returns
+    (quantized layers, bytes of weights written). `out` may not overlap the source, and replaces an existing
+    model only with `overwrite=True` (checked before any work)."""
+    check_output_folder(out, [cached_folder(path, hub.get("revision"), hub.get("cache_dir")) or path],
+                        overwrite=overwrite)
+    model = load(path, quantization=quantization, torch_dtype=torch_dtype, **hub)
+    folder = cached_folder(path, hub.get("revision"), hub.get("cache_dir")) or Path(path)
+    extras = [folder / name for name in AUXILIARY_FILES if (folder / name).is_file()]
     save_model(model, out, max_shard_size, extra_files=extras)
     layers = sum(1 for m in model.modules() if is_quantized(m))
     return layers, sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
@@ -323,3 +332,14 @@ def dispatch(model: OPTPreTrainedModel, placement: DeviceMap, offload: OffloadFo
         for name, device in placement.items():
             if device != "disk":
                 add_hook_to_module(model.get_submodule(name), AlignDevicesHook(_torch_device(device)))
+
+
+def _config_field(key: str) -> str:
+    """A keyword argument of `load` that is not one of its options must name a config.json field."""
+    from dataclasses import fields
+
+    known = {f.name for f in fields(OPTConfig)} - {"extra", "quantization_config"}
+    if key not in known:
+        raise ValueError(f"load(): unknown keyword argument {key!r}; expected a load option or a config.json field "
+                         f"to override ({', '.join(sorted(k for k in known if not k.startswith('_')))})")
+    return key

@@ -279,25 +279,11 @@ class OPTDecoder(nn.Module):
         self.layers = nn.ModuleList(OPTDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.gradient_checkpointing = False
 
-    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                head_mask: torch.Tensor | None = None, past_key_values: Any = None,
-                inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
-                output_attentions: bool = False, output_hidden_states: bool = False,
-                return_dict: bool = True, position_ids: torch.Tensor | None = None) -> Any:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
+    def embed(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, past: int,
+              position_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the first decoder layer reads: (hidden states, boolean attention mask or None). A stage of its own
+        so that a layer-major runner (`qopt.place.streaming`) computes exactly what `forward` does."""
         batch, seq = inputs_embeds.shape[:2]
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if self.gradient_checkpointing and self.training:
-            use_cache = False
-        cache = past_key_values
-        if cache is not None and not isinstance(cache, KVCache):
-            cache = KVCache.from_legacy(cache)
-        if cache is None and use_cache:
-            cache = KVCache(len(self.layers))
-        past = cache.get_seq_length() if cache is not None else 0
         unpadded = attention_mask is None
         if attention_mask is None:
             attention_mask = torch.ones(batch, past + seq, dtype=torch.long, device=inputs_embeds.device)
@@ -316,6 +302,35 @@ class OPTDecoder(nn.Module):
         hidden_states = F.dropout(hidden_states, p=self.dropout, training=self.training)
         # one new token per row with no padding sees every cached key: no mask to build (the decode step)
         mask = None if unpadded and seq == 1 else build_attention_mask(attention_mask, seq, past)
+        return hidden_states, mask
+
+    def finish(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The last decoder layer's output -> what the heads read (final layer norm, projection)."""
+        if self.final_layer_norm is not None:
+            hidden_states = self.final_layer_norm(hidden_states)
+        if self.project_out is not None:
+            hidden_states = self.project_out(hidden_states)
+        return hidden_states
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                head_mask: torch.Tensor | None = None, past_key_values: Any = None,
+                inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
+                output_attentions: bool = False, output_hidden_states: bool = False,
+                return_dict: bool = True, position_ids: torch.Tensor | None = None) -> Any:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        cache = past_key_values
+        if cache is not None and not isinstance(cache, KVCache):
+            cache = KVCache.from_legacy(cache)
+        if cache is None and use_cache:
+            cache = KVCache(len(self.layers))
+        past = cache.get_seq_length() if cache is not None else 0
+        hidden_states, mask = self.embed(inputs_embeds, attention_mask, past, position_ids)
         if head_mask is not None and head_mask.dim() == 1:
             head_mask = head_mask.unsqueeze(0).expand(len(self.layers), -1)
 
@@ -331,10 +346,7 @@ class OPTDecoder(nn.Module):
                 hidden_states, weights = layer(hidden_states, mask, layer_head_mask, cache, output_attentions)
             if output_attentions:
                 all_attn.append(weights)
-        if self.final_layer_norm is not None:
-            hidden_states = self.final_layer_norm(hidden_states)
-        if self.project_out is not None:
-            hidden_states = self.project_out(hidden_states)
+        hidden_states = self.finish(hidden_states)
         if output_hidden_states:
             all_hidden.append(hidden_states)
         out = BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=cache if use_cache else None,

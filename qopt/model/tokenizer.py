@@ -147,8 +147,11 @@ class OPTTokenizer:
 
 
 def own_tokenizer(model_path: str | os.PathLike) -> OPTTokenizer | None:
-    """The checkpoint's own tokenizer files if it has them, else None (every OPT shares the bundled one)."""
-    folder = Path(model_path)
+    """The checkpoint's own tokenizer files if it has them, else None (every OPT shares the bundled one); a Hub
+    id reads them from the HF cache (no network call)."""
+    from ..io.hub import cached_folder
+
+    folder = cached_folder(model_path) or Path(model_path)
     has_files = (folder / "tokenizer.json").exists() or (folder / "vocab.json").exists()
     return OPTTokenizer.from_pretrained(folder) if has_files else None
 

@@ -3,9 +3,10 @@
 accelerate's own disk offload writes a bitsandbytes layer's tensors correctly but cannot put them back (it
 rebuilds `Params4bit` around a meta quant state; `Linear8bitLt` assumes a GPU). Here the offload folder holds
 each layer's tensors in the standard saved layout (accelerate's `offload_weight` format: one raw `.dat` file per
-tensor plus `index.json`, read back through accelerate's memory-mapped loader), and `RebuildOnForward`, an
-accelerate `ModelHook`, rebuilds the layer from them before its forward (quantized weights through
-`set_quantized_state`, no re-quantization) and frees it after.
+tensor plus `index.json`, read back by `offload_io.OffloadStore` with counted positional reads), and
+`RebuildOnForward`, an accelerate `ModelHook`, rebuilds the layer from them before its forward (quantized
+weights through `set_quantized_state`, no re-quantization) and frees it after. A layer-major runner
+(`qopt.place.streaming`) instead holds a layer resident while every micro-batch passes through it.
 """
 from __future__ import annotations
 
@@ -19,12 +20,14 @@ from typing import Any
 
 import torch
 from accelerate.hooks import ModelHook, add_hook_to_module
-from accelerate.utils import OffloadedWeightsLoader, save_offload_index, send_to_device, set_module_tensor_to_device
+from accelerate.utils import save_offload_index, send_to_device, set_module_tensor_to_device
 from torch import nn
 
 from ..errors import PlanError
 from ..model.network import is_decoder_layer
-from ..quant.modules import is_quantized, owning_module, set_quantized_state
+from ..quant.modules import (CPU_PACKED_KEYS, cpu_layout_needs, cpu_packed_tensors, is_quantized, owning_module,
+                             set_cpu_packed_state, set_quantized_state)
+from .offload_io import OffloadStore, packed_key
 from .sizes import format_bytes
 
 
@@ -61,19 +64,23 @@ class OffloadFolder:
         """Delete what was written (a load that failed part-way leaves nothing behind)."""
         shutil.rmtree(self.folder, ignore_errors=True)
 
-    def loader(self) -> OffloadedWeightsLoader:
+    def loader(self) -> OffloadStore:
         save_offload_index(self.index, str(self.folder))
-        return OffloadedWeightsLoader(save_folder=str(self.folder), index=dict(self.index))
+        return OffloadStore(self.folder, self.index)
 
 
 class RebuildOnForward(ModelHook):
-    """Materialize a module's offloaded tensors on `device` for one forward, then return them to meta."""
+    """Materialize a module's offloaded tensors on `device` for one forward, then return them to meta.
+
+    While `resident` is set (a layer-major runner holds the layer for many forwards), forwards only move their
+    inputs; the runner calls `materialize` and `release` itself."""
 
     def __init__(self, prefix: str, weights: Mapping[str, torch.Tensor], device: torch.device | str) -> None:
         self.prefix = prefix
         self.weights = weights
         self.device = device
         self.keys = [k for k in weights if k.startswith(prefix)]
+        self.resident = False
 
     def init_hook(self, module: nn.Module) -> nn.Module:
         quantized = {name for name, m in module.named_modules() if is_quantized(m)}
@@ -83,22 +90,51 @@ class RebuildOnForward(ModelHook):
             relative = key[len(self.prefix):]
             owner = owning_module(relative, quantized)
             (self.groups.setdefault(owner, []).append(relative) if owner is not None else self.plain.append(relative))
+        self.nested = {owner: any(k.endswith("nested_absmax") for k in keys) for owner, keys in self.groups.items()}
         return module
 
-    def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+    def fetch(self) -> dict[str, torch.Tensor]:
+        """The tensors a rebuild reads now (see `OffloadStore.layer_keys`)."""
+        if isinstance(self.weights, OffloadStore):
+            return self.weights.read_keys(self.weights.layer_keys(self.prefix))
+        return {key: self.weights[key] for key in self.keys}
+
+    def materialize(self, module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Rebuild the module on the execution device from `tensors` (from `fetch` or a prefetcher)."""
         for owner, keys in self.groups.items():
-            state = {k[len(owner) + 1:]: self.weights[self.prefix + k] for k in keys}
-            set_quantized_state(module.get_submodule(owner), state, self.device,
-                                source=f"offloaded {self.prefix}{owner}")
+            full = self.prefix + owner
+            if packed_key(full, "weight") in tensors:
+                state = {k[len(owner) + 1:]: tensors[self.prefix + k] for k in keys
+                         if cpu_layout_needs(k[len(owner) + 1:])}
+                packed = {k: tensors[packed_key(full, k)].to(self.device) for k in CPU_PACKED_KEYS}
+                set_cpu_packed_state(module.get_submodule(owner), packed, state, self.nested[owner],
+                                     source=f"offloaded {full}")
+                continue
+            state = {k[len(owner) + 1:]: tensors[self.prefix + k] for k in keys}
+            set_quantized_state(module.get_submodule(owner), state, self.device, source=f"offloaded {full}")
+        for name in self.plain:  # in their stored dtype: the meta placeholders are float32 whatever was loaded
+            value = tensors[self.prefix + name]
+            set_module_tensor_to_device(module, name, self.device, value=value, dtype=value.dtype)
+
+    def release(self, module: nn.Module) -> None:
+        """Back to meta; a 4-bit module the CPU kernel repacked leaves that layout in the store for next time."""
+        for owner in self.groups:
+            submodule = module.get_submodule(owner)
+            packed = cpu_packed_tensors(submodule) if isinstance(self.weights, OffloadStore) else None
+            if packed is not None:
+                self.weights.put_packed(self.prefix + owner, packed)
+            _release(submodule)
         for name in self.plain:
-            set_module_tensor_to_device(module, name, self.device, value=self.weights[self.prefix + name])
+            set_module_tensor_to_device(module, name, "meta")
+
+    def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        if not self.resident:
+            self.materialize(module, self.fetch())
         return send_to_device(args, self.device), send_to_device(kwargs, self.device)
 
     def post_forward(self, module: nn.Module, output: Any) -> Any:
-        for owner in self.groups:
-            _release(module.get_submodule(owner))
-        for name in self.plain:
-            set_module_tensor_to_device(module, name, "meta")
+        if not self.resident:
+            self.release(module)
         return output
 
 
@@ -115,7 +151,7 @@ def _release(module: nn.Module) -> None:
         module.state.CB = module.state.SCB = None
 
 
-def attach_disk_hooks(model: nn.Module, device_map: Mapping[str, Any], weights: OffloadedWeightsLoader,
+def attach_disk_hooks(model: nn.Module, device_map: Mapping[str, Any], weights: OffloadStore,
                       execution_device: torch.device | str) -> None:
     """A `RebuildOnForward` on every module the map sends to disk."""
     check_offloadable(device_map)

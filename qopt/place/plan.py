@@ -16,6 +16,7 @@ from torch import nn
 
 from ..bundled import data_dir
 from ..errors import ConfigError
+from ..io.hub import ModelSource, is_hub_id, resolve_model
 from ..model.config import OPTConfig
 from ..model.network import decoder_layer_index, is_decoder_layer
 from ..quant.config import QuantizationConfig
@@ -26,10 +27,15 @@ from .sizes import DeviceMap, activation_bytes, kv_cache_bytes_per_layer, meta_m
 
 
 # -- configs by name ------------------------------------------------------------------------------------------
-def config_for(source: OPTConfig | str | os.PathLike) -> tuple[OPTConfig, str]:
-    """(config, label) from an OPTConfig, a checkpoint folder / config.json, or a size name like "opt-30b"."""
+def config_for(source: OPTConfig | ModelSource | str | os.PathLike) -> tuple[OPTConfig, str]:
+    """(config, label) from an OPTConfig, a checkpoint folder / config.json, a Hub id (`org/name`: its
+    config.json from the HF cache or the Hub), or a size name like "opt-30b" (qopt's built-in shapes)."""
     if isinstance(source, OPTConfig):
         return source, "config"
+    if isinstance(source, str) and "/" in source and is_hub_id(source):
+        source = resolve_model(source)
+    if isinstance(source, ModelSource):
+        return OPTConfig.from_pretrained(source.folder), source.label
     path = Path(source)
     if path.exists():
         return OPTConfig.from_pretrained(path), str(path)
@@ -67,6 +73,8 @@ class MemoryPlan:
     activation_bytes: int = 0  # on each device that runs layers
     parameters: int = 0
     strategy: str = "auto"
+    read_bandwidth: float | None = None  # bytes/s of the disk under the offload folder, for time estimates
+    bandwidth_source: str = ""  # how it was obtained ("measured in /tmp", "given")
 
     @property
     def main_device(self) -> str:
@@ -134,6 +142,7 @@ class MemoryPlan:
                              f"{format_bytes(self.kv_cache_bytes.get(dev, 0)):>12s} {format_bytes(act):>12s} "
                              f"{format_bytes(self.used_bytes(dev)):>12s}")
         lines.append("device map: " + "; ".join(summarize(self.device_map)))
+        lines += self.disk_read_lines()
         over = [dev for dev, limit in self.limits.items() if self.used_bytes(dev) > limit]
         if over:
             lines.append(f"over the limit: {', '.join(over)} (with the KV cache and activations of the layers "
@@ -142,6 +151,23 @@ class MemoryPlan:
         if self.loadable:
             lines.append(f"load with: {self.flags()}")
         return "\n".join(lines)
+
+
+    def disk_read_lines(self) -> list[str]:
+        """What the offloaded layers cost in reads: every decode step and every layer-streamed evaluation pass
+        reads each of them once (a window-major evaluation, once per window), with times at `read_bandwidth`."""
+        disk = self.weight_bytes.get("disk", 0)
+        if not disk:
+            return []
+        lines = [f"disk reads: {format_bytes(disk)} per generated token (one decode step; in throughput mode "
+                 f"shared by every prompt of the step), {format_bytes(disk)} per layer-streamed evaluation pass "
+                 f"(window-major: per window)"]
+        if self.read_bandwidth:
+            seconds = disk / self.read_bandwidth
+            lines.append(f"read time at {format_bytes(self.read_bandwidth)}/s ({self.bandwidth_source}): "
+                         f"{seconds:.2f} s per generated token, {seconds:.2f} s per evaluation pass "
+                         f"(at least; prefetch hides compute behind the reads)")
+        return lines
 
 
 def plan(source: OPTConfig | str | os.PathLike, bits: int = 4, max_memory: dict[Any, Any] | None = None,

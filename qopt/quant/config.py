@@ -16,6 +16,8 @@ from .presets import PRESETS
 
 HEADS = ("lm_head", "score", "qa_outputs")  # output heads stay 16-bit, as transformers keeps them
 _MODULE_BITS = "qopt_module_bits"  # per-module widths of a mixed 4/8-bit model (qopt-only: transformers has one width)
+# vLLM runs OPT's q/k/v as one fused module and decides its width from that name (vllm/model_executor/models/opt.py)
+VLLM_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
 
 
 @dataclass
@@ -97,7 +99,7 @@ class QuantizationConfig:
     def to_dict(self) -> dict[str, Any]:
         data = {"quant_method": "bitsandbytes", "_load_in_8bit": self.load_in_8bit,
                 "_load_in_4bit": self.load_in_4bit, "llm_int8_threshold": self.llm_int8_threshold,
-                "llm_int8_skip_modules": self.llm_int8_skip_modules,
+                "llm_int8_skip_modules": self.saved_skip_modules(),
                 "llm_int8_enable_fp32_cpu_offload": self.llm_int8_enable_fp32_cpu_offload,
                 "llm_int8_has_fp16_weight": self.llm_int8_has_fp16_weight,
                 "bnb_4bit_quant_type": self.bnb_4bit_quant_type,
@@ -109,6 +111,21 @@ class QuantizationConfig:
             data[_MODULE_BITS] = dict(self.module_bits)
         data.update({k: v for k, v in self.extra.items() if k not in data})
         return data
+
+    def saved_skip_modules(self) -> list[str] | None:
+        """`llm_int8_skip_modules` as saved: every 16-bit `module_bits` entry is listed, so transformers and vLLM
+        keep it unquantized too (with lm_head, since a given list replaces transformers' default skips), and a
+        layer whose q/k/v are all 16-bit also names vLLM's fused `qkv_proj`, the module vLLM looks up."""
+        sixteen = [name for name, bits in self.module_bits.items() if bits == 16]
+        if not sixteen:
+            return self.llm_int8_skip_modules
+        skip = set(self.llm_int8_skip_modules or []) | set(sixteen) | {"lm_head"}
+        for fused, parts in VLLM_FUSED.items():
+            for name in sixteen:
+                stem, _, last = name.rpartition(".")
+                if last == parts[0] and all(f"{stem}.{p}" in sixteen for p in parts):
+                    skip.add(f"{stem}.{fused}")
+        return sorted(skip)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "quantization_config") -> "QuantizationConfig":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from bitsandbytes import functional as bnbf
@@ -56,7 +57,7 @@ class RoundedWeight:
         """4-bit codes as bitsandbytes stores them: two per byte, high nibble first, shape (n / 2, 1)."""
         if self.grid.bits != 4:
             raise ValueError("packed() is for 4-bit grids; int8 codes are stored as they are")
-        _, _, order = rounding_tables(self.grid.quant_type)
+        _, _, order = _tables(self.grid.quant_type, self.codes.device)
         stored = order.to(torch.uint8)[self.codes.reshape(-1).long()]
         if stored.numel() % 2:
             stored = torch.nn.functional.pad(stored, (0, 1))
@@ -98,9 +99,15 @@ def double_quantized_absmax(absmax: torch.Tensor) -> torch.Tensor:
     return restored.float().reshape(absmax.shape)
 
 
+@lru_cache(maxsize=None)
+def _tables(quant_type: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`rounding_tables` on the device the rounding runs on (GPTQ runs where its weight is)."""
+    return tuple(t.to(device) for t in rounding_tables(quant_type))  # type: ignore[return-value]
+
+
 def _round_4bit(w: torch.Tensor, absmax: torch.Tensor, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest code for each row's weight, with bitsandbytes' arithmetic (reciprocal, clamp, bucketize)."""
-    values, bounds, _ = rounding_tables(quant_type)
+    values, bounds, _ = _tables(quant_type, w.device)
     scaled = torch.clamp(w * (1.0 / _nonzero(absmax)), -1, 1)
     idx = torch.bucketize(scaled, bounds)
     return idx, values[idx] * absmax
@@ -164,7 +171,7 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid, *
         raise ValueError(f"block_columns {block_columns} must be a multiple of the block size {grid.blocksize}")
     # LLM.int8 quantizes the fp16 weight: start from it so the row scales (SCB) are bitsandbytes' own
     w = weight.detach().to(torch.float16 if grid.bits == 8 else torch.float32).float().clone()
-    factor, importance, order = None, torch.ones(in_features), None
+    factor, importance, order = None, torch.ones(in_features, device=w.device), None
     if hessian is not None:
         h = hessian.detach().float().clone()
         dead = torch.diag(h) == 0
@@ -198,7 +205,7 @@ def _absmax_chooser(quant_type: str, steps: int, importance: torch.Tensor
     """absmax of a (rows, blocksize) block starting at column `col`: its maximum, or the best shrink of it."""
     if steps <= 0:
         return lambda block, col: block.abs().amax(dim=1)
-    factors = torch.linspace(1.0, 0.75, steps)
+    factors = torch.linspace(1.0, 0.75, steps, device=importance.device)
 
     def choose(block: torch.Tensor, col: int) -> torch.Tensor:
         weights = importance[col:col + block.shape[1]]
@@ -221,18 +228,19 @@ def _gptq_pass(w: torch.Tensor, factor: torch.Tensor | None, grid: Grid, block_c
     """
     rows, cols = w.shape
     four_bit = grid.bits == 4
-    order = torch.arange(cols) if order is None else order
+    order = torch.arange(cols, device=w.device) if order is None else order
     w = w[:, order].clone()
-    codes = torch.zeros(rows, cols, dtype=torch.uint8 if four_bit else torch.int8)
+    codes = torch.zeros(rows, cols, dtype=torch.uint8 if four_bit else torch.int8, device=w.device)
     q_all = torch.zeros_like(w)
-    scales = static.clone() if static is not None else torch.zeros(rows, cols // grid.blocksize)
+    scales = static.clone() if static is not None else torch.zeros(rows, cols // grid.blocksize, device=w.device)
+    columns = order.tolist()  # plain ints: indexing a GPU tensor per column would sync every time
     for i1 in range(0, cols, block_columns):
         i2 = min(i1 + block_columns, cols)
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         hinv1 = factor[i1:i2, i1:i2] if factor is not None else None
         for i in range(i2 - i1):
-            col = int(order[i1 + i])
+            col = columns[i1 + i]
             if not four_bit:
                 idx, q = _round_int8(w1[:, i], scales)
             else:
@@ -264,8 +272,8 @@ def output_error(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch
 class HessianAccumulator:
     """Running H = 2 X^T X / n over every token a Linear sees; used as a forward hook."""
 
-    def __init__(self, features: int) -> None:
-        self.hessian = torch.zeros(features, features, dtype=torch.float32)
+    def __init__(self, features: int, device: torch.device | str = "cpu") -> None:
+        self.hessian = torch.zeros(features, features, dtype=torch.float32, device=device)
         self.tokens = 0
 
     def add(self, inputs: torch.Tensor) -> None:

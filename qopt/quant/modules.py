@@ -260,3 +260,59 @@ def dequantize_weight(module: nn.Module, dtype: torch.dtype | None = None) -> to
     else:
         weight = module.weight.detach()
     return weight if dtype is None else weight.to(dtype)
+
+
+# -- the CPU kernel's layout, for layers rebuilt from disk at every forward -------------------------------------
+CPU_PACKED_KEYS = ("weight", "weight.absmax")  # standard keys the CPU layout replaces (statistics: bf16 absmax)
+_CPU_LAYOUT_SKIPS = ("weight", "weight.absmax", "weight.nested_absmax", "weight.nested_quant_map")
+
+
+def cpu_packed_tensors(module: nn.Module) -> dict[str, torch.Tensor] | None:
+    """A 4-bit module's weight and absmax as bitsandbytes' CPU kernel reads them once its first eval forward has
+    repacked it; None when the module is not in that layout (or stores its weight in a type other than uint8).
+    Keys are `CPU_PACKED_KEYS`: a layer rebuilt from disk at every forward can keep this form and skip the repack."""
+    state = getattr(getattr(module, "weight", None), "quant_state", None)
+    if not isinstance(module, bnb.nn.Linear4bit) or state is None or module.quant_storage != torch.uint8 \
+            or not getattr(state, "packing_format_for_cpu", False):
+        return None
+    return {"weight": module.weight.data, "weight.absmax": state.absmax}
+
+
+def cpu_layout_needs(key: str) -> bool:
+    """Whether a 4-bit module's standard saved key (relative to the module) is still read when the module is
+    rebuilt from its CPU layout: the quant map, the quant-state record and the bias; not the weight or absmax."""
+    return key not in _CPU_LAYOUT_SKIPS
+
+
+def set_cpu_packed_state(module: nn.Module, packed: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
+                         nested: bool, source: str = "") -> nn.Module:
+    """Fill a (meta) Linear4bit directly in the CPU kernel's layout: `packed` from `cpu_packed_tensors`, `state`
+    the module's other standard tensors (`cpu_layout_needs`), `nested` whether its saved statistics are double
+    quantized. The module computes exactly as after bitsandbytes' own repack; it holds no standard statistics,
+    so its tensors are saved from where they were read instead."""
+    where = source or type(module).__name__
+    stats = {k.removeprefix("weight."): v for k, v in state.items() if k.startswith("weight.")}
+    stats["absmax"] = packed["weight.absmax"]
+    try:
+        quant_state = QuantState.from_dict(stats, device=packed["weight"].device)
+    except (ValueError, KeyError, AssertionError, TypeError) as err:
+        raise CheckpointError(f"{where}: 4-bit statistics are incomplete or malformed ({err})") from None
+    weight = packed["weight"]
+    expected = (module.out_features, module.in_features // 2)
+    if tuple(quant_state.shape) != (module.out_features, module.in_features) or tuple(weight.shape) != expected:
+        raise CheckpointError(f"{where}: CPU-packed 4-bit weight is {list(weight.shape)}, expected {list(expected)}")
+    # the fields bitsandbytes' repack (`_convert_weight_packed_for_cpu`) sets
+    quant_state.original_dtype, quant_state.original_nested = quant_state.dtype, nested
+    quant_state.original_qshape = torch.Size([weight.numel(), 1])
+    quant_state.dtype, quant_state.packing_format_for_cpu = torch.bfloat16, True
+    module.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_state=quant_state,
+                                      blocksize=quant_state.blocksize, compress_statistics=quant_state.original_nested,
+                                      quant_type=quant_state.quant_type, quant_storage=torch.uint8, module=module,
+                                      bnb_quantized=True)
+    module.quant_state = quant_state
+    if isinstance(module, Linear4bit):
+        module._statistics = None
+    bias = state.get("bias")
+    if bias is not None:
+        module.bias = nn.Parameter(bias.to(weight.device, module.compute_dtype or bias.dtype), requires_grad=False)
+    return module

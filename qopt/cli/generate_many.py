@@ -1,0 +1,77 @@
+"""`qopt generate MODEL --prompts-file FILE`: many prompts through `qopt.generate_many`, as JSON lines."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .common import model_path, placement, preset, writable_file
+
+
+def read_prompts(path: str) -> list[str]:
+    """One prompt per line; in a `.jsonl` file each line is a JSON string or an object with a "prompt" field."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if not path.endswith(".jsonl"):
+            prompts.append(line)
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--prompts-file {path}: line {number} is not JSON ({err.msg})") from None
+        prompt = item.get("prompt") if isinstance(item, dict) else item
+        if not isinstance(prompt, str):
+            raise ValueError(f"--prompts-file {path}: line {number}: expected a JSON string or an object with a "
+                             f"\"prompt\" string")
+        prompts.append(prompt)
+    if not prompts:
+        raise ValueError(f"--prompts-file {path}: no prompts (expected one per line)")
+    return prompts
+
+
+def run_many(args: argparse.Namespace) -> int:
+    import qopt
+
+    from ..model.tokenizer import tokenizer_for
+
+    if len(args.words) > 1:
+        raise ValueError(f"with --prompts-file the only positional argument is MODEL, got {len(args.words)}")
+    if args.num_beams != 1 or args.stream:
+        raise ValueError("--prompts-file decodes greedily or by sampling: drop --num-beams / --stream")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size}: expected an integer >= 1")
+    writable_file(args.output, "--output")
+    prompts = read_prompts(args.prompts_file)
+    path = model_path(args.words[0] if args.words else None)
+    model = qopt.load(path, quantization=preset(args), progress=False, **placement(args))
+    if args.adapter:
+        qopt.load_adapter(model, args.adapter)
+    tokenizer = tokenizer_for(path)
+    options = {"top_k": args.top_k, "temperature": args.temperature, "top_p": args.top_p}
+    sample = args.do_sample or args.temperature is not None or args.top_p is not None
+    ids = [tokenizer.encode(prompt) for prompt in prompts]
+    began = time.perf_counter()
+    outputs = qopt.generate_many(model, ids, batch_size=args.batch_size, progress=True,
+                                 max_new_tokens=args.max_new_tokens, do_sample=sample,
+                                 repetition_penalty=args.repetition_penalty, seed=args.seed,
+                                 **{k: v for k, v in options.items() if v is not None})
+    seconds = time.perf_counter() - began
+    lines = [json.dumps({"prompt": prompt, "completion": tokenizer.decode(out[len(row):], skip_special_tokens=True)},
+                        ensure_ascii=False) for prompt, row, out in zip(prompts, ids, outputs)]
+    if args.output:
+        tmp = f"{args.output}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as file:
+            file.write("\n".join(lines) + "\n")
+        os.replace(tmp, args.output)  # a complete file or none
+    else:
+        print("\n".join(lines))
+    new = sum(len(out) - len(row) for row, out in zip(ids, outputs))
+    print(f"{len(prompts)} prompts, {new:,} new tokens in {seconds:.1f} s ({new / max(seconds, 1e-9):.1f} tokens/s)",
+          file=sys.stderr)
+    return 0
