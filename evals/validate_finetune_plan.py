@@ -96,6 +96,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--only", help="one shape: 125m or 350m")
+    ap.add_argument("--settings", nargs="+", metavar="SHAPE:BATCH:SEQ:CKPT:R",
+                    help="other settings than the table's, e.g. 125m:1:256:off:8 (held-out checks of the fit)")
     ap.add_argument("--json", help="also write every run's measurements here")
     ap.add_argument("--from-json", help="print the table for measurements saved by --json, with the plan as it is "
                                         "now (no new runs)")
@@ -113,6 +115,8 @@ def main() -> None:
             print(table_row(record, plan_for(record)))
         return
     settings = [s for s in SETTINGS if not args.only or s[0] == args.only]
+    if args.settings:
+        settings = [(a, int(b), int(c), d == "on", int(e)) for a, b, c, d, e in (x.split(":") for x in args.settings)]
     records = []
     with tempfile.TemporaryDirectory() as tmp:
         for shape in dict.fromkeys(s[0] for s in settings):
