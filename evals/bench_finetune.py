@@ -1,10 +1,12 @@
 """QLoRA training step: qopt against transformers + peft on the same random checkpoint, in fresh processes.
 
-Usage:  python evals/bench_finetune.py [--shape small|125m] [--steps 10] [--threads 1]
+Usage:  python evals/bench_finetune.py [--shape small|125m] [--steps 10] [--threads 1] [--rounds 3]
 
 Each side runs in its own subprocess: load the checkpoint in NF4 (bf16 compute), prepare it for k-bit training
 (gradient checkpointing on), add LoRA r=8 on q_proj / v_proj, then time forward + backward + AdamW steps on
-batch x seq random tokens. Printed: median step time, tokens/s, trainable parameters and peak RSS above the
+batch x seq random tokens. Sides: qopt's default `qopt.finetune` path ("ours": the frozen tied head kept in
+bf16), qopt with PEFT's all-fp32 recipe ("plain"), and transformers + peft ("peer"); `--rounds` repeats them in
+turn, so each round's three runs see the same machine load, and the medians over rounds are printed. Printed: median step time, tokens/s, trainable parameters and peak RSS above the
 RSS after imports (VmHWM; docs/design.md, "Measuring memory"), for both sides, and the ratios. Take timings
 on an idle machine.
 """
@@ -34,8 +36,9 @@ def run_side(side: str, folder: str, steps: int, batch: int, seq: int, threads: 
     import torch
 
     torch.set_num_threads(threads)
-    if side == "ours":
+    if side in ("ours", "plain"):
         import qopt
+        from qopt.finetuning.fastpath import half_precision_head
         from qopt.finetuning.lora import LoraConfig, add_lora, trainable_parameters
         from qopt.finetuning.recipe import prepare_for_kbit_training
     else:
@@ -43,9 +46,11 @@ def run_side(side: str, folder: str, steps: int, batch: int, seq: int, threads: 
         import transformers
         from transformers.integrations import bitsandbytes  # noqa: F401  (imported lazily otherwise)
     base_rss = rss_kib("VmRSS")
-    if side == "ours":
+    if side in ("ours", "plain"):
         model = qopt.load(folder, quantization="nf4", torch_dtype=torch.bfloat16, progress=False)
         prepare_for_kbit_training(model)
+        if side == "ours":
+            half_precision_head(model)
         add_lora(model, LoraConfig(r=8, lora_alpha=16))
         trainable = trainable_parameters(model)[0]
     else:
@@ -78,7 +83,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--side", choices=("ours", "peer"), help=argparse.SUPPRESS)  # the subprocess' role
+    ap.add_argument("--rounds", type=int, default=1, help="runs of each side, taking turns")
+    ap.add_argument("--side", choices=("ours", "plain", "peer"), help=argparse.SUPPRESS)  # the subprocess' role
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:
@@ -91,20 +97,25 @@ def main() -> None:
         torch.manual_seed(0)
         config = transformers.OPTConfig(vocab_size=50272, max_position_embeddings=2048, **SHAPES[args.shape])
         transformers.OPTForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
-        results = {}
-        for side in ("ours", "peer"):
-            out = subprocess.run([sys.executable, __file__, "--side", side, "--folder", folder, "--steps",
-                                  str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq), "--threads",
-                                  str(args.threads)], capture_output=True, text=True, check=True)
-            results[side] = json.loads(out.stdout.strip().splitlines()[-1])
+        runs: dict[str, list[dict]] = {"ours": [], "plain": [], "peer": []}
+        for _ in range(args.rounds):
+            for side in runs:
+                out = subprocess.run([sys.executable, __file__, "--side", side, "--folder", folder, "--steps",
+                                      str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq),
+                                      "--threads", str(args.threads)], capture_output=True, text=True, check=True)
+                runs[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        results = {side: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for side, rs in runs.items()}
     print(f"QLoRA step, OPT {args.shape} shape, NF4 + bf16 compute, r=8 q/v, batch {args.batch} x {args.seq}, "
           f"{args.threads} thread(s)")
-    print(f"{'':10s} {'step s':>8s} {'tokens/s':>9s} {'trainable':>10s} {'peak RSS MiB':>13s}")
+    print(f"{'':10s} {'step s':>8s} {'tokens/s':>9s} {'trainable':>10s} {'peak RSS MiB':>13s}  (median of "
+          f"{args.rounds} round(s))")
     for side, r in results.items():
-        print(f"{side:10s} {r['step_s']:8.3f} {r['tokens_per_s']:9.0f} {r['trainable']:10,d} {r['peak_rss_mib']:13.0f}")
-    ours, peer = results["ours"], results["peer"]
-    print(f"ratio ours/peer: step time {ours['step_s'] / peer['step_s']:.2f}, "
-          f"peak RSS {ours['peak_rss_mib'] / peer['peak_rss_mib']:.2f}")
+        print(f"{side:10s} {r['step_s']:8.3f} {r['tokens_per_s']:9.0f} {int(r['trainable']):10,d} "
+              f"{r['peak_rss_mib']:13.0f}")
+    peer = results["peer"]
+    for side in ("ours", "plain"):
+        print(f"ratio {side}/peer: step time {results[side]['step_s'] / peer['step_s']:.2f}, "
+              f"peak RSS {results[side]['peak_rss_mib'] / peer['peak_rss_mib']:.2f}")
 
 
 if __name__ == "__main__":

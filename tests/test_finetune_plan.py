@@ -10,6 +10,7 @@ from torch.utils._pytree import tree_flatten
 import qopt
 from qopt.cli.main import main
 from qopt.evaluation.footprint import weight_footprint
+from qopt.finetuning.fastpath import half_precision_head
 from qopt.finetuning.lora import LoraConfig, add_lora
 from qopt.finetuning.plan import largest_fitting, optimizer_bytes, plan_finetune
 from qopt.finetuning.recipe import prepare_for_kbit_training
@@ -30,9 +31,10 @@ def tiny(tmp_path_factory):
 
 
 def trained_model(folder, r=16, gradient_checkpointing=True):
-    """The qopt.finetune path: NF4 base, float32 elsewhere, prepared, adapter added."""
+    """The qopt.finetune path: NF4 base, float32 elsewhere, prepared (tied head back in bf16), adapter added."""
     model = qopt.load(folder, quantization="nf4", torch_dtype=None, progress=False)
     prepare_for_kbit_training(model, gradient_checkpointing)
+    assert half_precision_head(model)
     add_lora(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS))
     return model
 
@@ -85,7 +87,9 @@ def test_base_weights_match_the_loaded_model(tiny):
     plan = plan_finetune(tiny, r=16, target_modules=TARGETS, batch=2, seq=32)
     model = qopt.load(tiny, quantization="nf4", torch_dtype=None, progress=False)
     prepare_for_kbit_training(model)
+    half_precision_head(model)
     measured = weight_footprint(model).bytes
+    assert plan_finetune(tiny, seq=32, half_head=False).sizes.weights - plan.sizes.weights == 1000 * 128 * 2
     assert abs(plan.sizes.weights - measured) <= 0.01 * measured, (plan.sizes.weights, measured)
 
 

@@ -74,6 +74,10 @@ def command(line: str, workdir: Path) -> list[str]:
             subprocess.run([sys.executable, "-m", "qopt", "finetune", "--data", "train.txt", "--output",
                             str(adapter), "--bits", "4", "--steps", "1"], cwd=workdir, check=True,
                            capture_output=True)
+    if args[0] == "merge" and not (workdir / args[2]).exists():  # an adapter as the README's finetune line writes
+        subprocess.run([sys.executable, "-m", "qopt", "finetune", "--data", "train.txt", "--output",
+                        str(workdir / args[2]), "--bits", "4", "--steps", "1"], cwd=workdir, check=True,
+                       capture_output=True)
     return [sys.executable, "-m", "qopt", *args]
 
 

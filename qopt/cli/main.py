@@ -19,7 +19,7 @@ from typing import Any
 from .. import __version__
 from ..errors import OptionError, QoptError
 
-COMMANDS = ("info", "eval", "finetune", "plan", "quantize", "generate", "check")
+COMMANDS = ("info", "eval", "finetune", "merge", "plan", "quantize", "generate", "check")
 _MODULES = {"eval": "evaluate"}  # command -> module where the names differ
 
 

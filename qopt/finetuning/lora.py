@@ -187,6 +187,7 @@ class MergeReport:
     adapter: str
     max_abs_error: dict[str, float] = field(default_factory=dict)
     rel_error: dict[str, float] = field(default_factory=dict)  # ||merged - exact|| / ||exact|| (Frobenius)
+    quality: Any = None  # a MergeQuality when the merge was measured (qopt.merge_and_unload(measure=True))
 
     @property
     def worst_abs_error(self) -> float:
@@ -198,7 +199,8 @@ class MergeReport:
 
     def summary(self) -> str:
         return (f"merged adapter '{self.adapter}' into {len(self.max_abs_error)} layers: max abs error "
-                f"{self.worst_abs_error:.3g}, max relative error {self.worst_rel_error:.3g} vs the float sum")
+                f"{self.worst_abs_error:.3g}, max relative error {self.worst_rel_error:.3g} vs the float sum"
+                + (f"\n{self.quality.summary()}" if self.quality is not None else ""))
 
 
 # -- finding modules ----------------------------------------------------------------------------------------

@@ -36,11 +36,12 @@ CUDA_HOST_BYTES = GiB  # host memory of torch's CUDA runtime once initialised (t
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes' 8-bit optimizers keep fp32 states for smaller tensors
 BNB_STATE_BLOCK = 256  # values per absmax of a blockwise 8-bit optimizer state
 # glibc keeps freed heap chunks resident, so on a CPU peak RSS exceeds the peak of live tensors. Fitted on the
-# OPT-125M / 350M settings of evals/validate_finetune_plan.py (docs/design.md, "The fine-tune memory plan"):
-# the load leaves about 0.13 x the quantized linears' float32 bytes, a training step about this share of the
-# activations a step without checkpointing keeps (checkpointing on / off).
+# OPT-125M / 350M settings of evals/validate_finetune_plan.py (`--fit`; docs/design.md, "The fine-tune memory
+# plan"): at the load's peak about 0.13 x the quantized linears' float32 bytes; during training about 0.25 x
+# those bytes plus this share of the activations a step without checkpointing keeps (checkpointing on / off).
 CPU_HEAP_LOAD = 0.13
-CPU_HEAP_TRAIN = {True: 0.49, False: 0.69}
+CPU_HEAP_WEIGHTS = 0.25
+CPU_HEAP_TRAIN = {True: 0.37, False: 0.52}
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,7 @@ class FinetunePlan:
     gradient_checkpointing: bool
     sizes: Sizes
     other_activations: int  # peak activations with gradient checkpointing the other way
+    half_head: bool = False  # the tied head kept in the compute dtype (qopt.finetune's fast path)
     host_load: dict[str, int] = field(default_factory=dict)  # what the host holds at the load's peak
     largest_batch: int = 0  # at `seq`
     largest_seq: int = 0  # at `batch`
@@ -157,7 +159,8 @@ class FinetunePlan:
                  f"{self.optimizer}, batch {self.batch} x {self.seq} tokens, gradient checkpointing "
                  f"{'on' if gc else 'off'}",
                  f"{dev} during training:",
-                 row("base weights", s.weights, "quantized linears; embeddings, norms, biases fp32"),
+                 row("base weights", s.weights, "quantized linears; tied head in the compute dtype; norms fp32"
+                     if self.half_head else "quantized linears; embeddings, norms, biases fp32"),
                  row("LoRA weights", s.lora),
                  row("LoRA gradients", s.grads),
                  row("optimizer state", s.optimizer, self.optimizer),
@@ -247,7 +250,7 @@ def activation_peak(shape: _Shape, batch: int, seq: int, checkpointing: bool) ->
     embed = t * c.hidden_size * shape.mask if c.dropout else 0
     embed += t * c.word_embed_proj_dim * shape.residual  # the final norm's output, kept by the head
     kept = embed + c.num_hidden_layers * (hidden if checkpointing else layer)
-    head = 3 * t * c.vocab_size * 4 + (t * c.vocab_size * shape.residual if shape.residual != 4 else 0)
+    head = 3 * t * c.vocab_size * 4  # a 16-bit head's logits and their gradient are freed before this moment
     backward = 2 * hidden + t * c.ffn_dim * (shape.residual + shape.compute) + (layer if checkpointing else 0)
     dequant = shape.largest_quantized * (shape.state + (shape.compute if shape.state != shape.compute else 0))
     activations = kept + max(head, backward)
@@ -272,12 +275,13 @@ def plan_finetune(source: OPTConfig | str | os.PathLike, *, machine: Machine | s
                   target_modules: list[str] | str = ("q_proj", "v_proj"), lora_dropout: float = 0.0,
                   optimizer: str = "adamw", batch: int = 4, seq: int = 256, gradient_checkpointing: bool = True,
                   compute_dtype: torch.dtype | str | None = None, load_dtype: torch.dtype | str = torch.float32,
-                  shard_size: int | str | None = None) -> FinetunePlan:
+                  shard_size: int | str | None = None, half_head: bool = True) -> FinetunePlan:
     """The memory a `qopt.finetune` run needs on `machine` (a preset name, with `gpu` / `host` sizes overriding
     it), computed from a config (folder or size name) alone.
 
     `compute_dtype` defaults to bfloat16, or float16 on a GPU without bfloat16 (colab-t4); `load_dtype` is the
     `torch_dtype` the base is loaded in (qopt finetune's default float32); it sets the dequantization buffers.
+    `half_head`: a quantized base keeps its frozen tied head in the compute dtype, as `qopt.finetune` does.
     """
     config, label = config_for(source)
     box = machine if isinstance(machine, Machine) else machine_preset(machine, gpu, host)
@@ -302,11 +306,18 @@ def plan_finetune(source: OPTConfig | str | os.PathLike, *, machine: Machine | s
     # (prepare_for_kbit_training) or the load dtype for a 16-bit base
     residual = torch.float32 if quant is not None else load
     weights = compute_module_sizes(sizing_view(model, residual), dtype=residual)[""]
+    # the sizing view holds a quantized layer's bias in the compute dtype; prepare_for_kbit_training upcasts it
+    weights += sum(m.bias.numel() * (_size(residual) - _size(compute)) for m in model.modules()
+                   if is_quantized(m) and m.bias is not None)
+    half_head = half_head and quant is not None and compute != torch.float32 and config.tie_word_embeddings
+    if half_head:
+        weights -= config.vocab_size * config.word_embed_proj_dim * (_size(residual) - _size(compute))
     loaded = compute_module_sizes(sizing_view(model, load), dtype=load)[""]
     quantized = [m.out_features * m.in_features for m in model.modules() if is_quantized(m)]
     largest = max(quantized, default=0)
     cuda = box.device == "cuda"
-    load_heap = 0 if cuda else int(CPU_HEAP_LOAD * 4 * sum(quantized))
+    linear_fp32 = 4 * sum(quantized)
+    load_heap = 0 if cuda else int(CPU_HEAP_LOAD * linear_fp32)
     add_lora(model, lora, dtype=torch.float32)
     layers = dict(lora_layers(model))
     shapes = [p.numel() for p in model.parameters() if p.requires_grad]
@@ -318,7 +329,7 @@ def plan_finetune(source: OPTConfig | str | os.PathLike, *, machine: Machine | s
     def sizes(b: int, s: int, gc: bool) -> Sizes:
         act, dequant, peak = activation_peak(shape, b, s, gc)
         kept = act if not gc else activation_peak(shape, b, s, False)[0]
-        runtime = CUDA_CONTEXT_BYTES if cuda else load_heap + int(CPU_HEAP_TRAIN[gc] * kept)
+        runtime = CUDA_CONTEXT_BYTES if cuda else int(CPU_HEAP_WEIGHTS * linear_fp32 + CPU_HEAP_TRAIN[gc] * kept)
         return Sizes(weights, 4 * trainable, 4 * trainable, optimizer_bytes(shapes, optimizer), act, dequant, peak,
                      runtime)
 
@@ -337,7 +348,7 @@ def plan_finetune(source: OPTConfig | str | os.PathLike, *, machine: Machine | s
     plan = FinetunePlan(label, box, quant.name if quant else f"16-bit ({str(load).removeprefix('torch.')})",
                         compute, optimizer, r, short_target_names(list(layers)), len(layers), trainable, batch, seq,
                         gradient_checkpointing, chosen, sizes(batch, seq, not gradient_checkpointing).activations,
-                        host)
+                        half_head, host)
     plan.largest_batch = largest_fitting(lambda b: fits(b, seq), 1 << 16)
     plan.largest_seq = largest_fitting(lambda s: fits(batch, s), config.max_position_embeddings)
     return plan

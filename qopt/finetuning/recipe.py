@@ -22,6 +22,7 @@ from ..model.tokenizer import tokenizer_for
 from ..place.ranks import check_one_device_per_rank
 from ..quant.config import QuantizationConfig
 from .data import classification_dataset, lm_dataset
+from .fastpath import half_precision_head
 from .fingerprint import base_fingerprint, data_fingerprint, run_fingerprint
 from .lora import LoraConfig, add_lora
 from .trainer import TrainingArguments, TrainResult, finished_run, train
@@ -67,13 +68,15 @@ def finetune(model_path: str | Path, data: str | Path, args: TrainingArguments, 
              quantization: str | None = None, torch_dtype: str | torch.dtype | None = None,
              device_map: Any = None, max_memory: dict[Any, Any] | None = None, offload_folder: str | None = None,
              block_size: int | None = None, max_length: int | None = None, gradient_checkpointing: bool = True,
-             adapter_dtype: torch.dtype = torch.float32,
+             adapter_dtype: torch.dtype = torch.float32, half_head: bool = True,
              on_step: Callable[[int, float], None] | None = None) -> TrainResult:
     """Load a checkpoint (quantized for QLoRA), add a LoRA adapter, train it on a text / JSONL file.
 
     Without `eval_data`, the last `eval_fraction` of the blocks (or examples) is held out for evaluation.
     `block_size` defaults to min(256, the model's context) and `max_length` to the model's context.
     `torch_dtype`, `device_map`, `max_memory` and `offload_folder` place the base model as `qopt.load` does.
+    On a quantized base the frozen tied head stays in the 4-bit compute dtype (`half_head`; False: all fp32, as
+    PEFT's recipe leaves it).
     Re-run on the same output_dir, it resumes the checkpoint there if data, settings and base are unchanged
     (ResumeError otherwise; `args.resume=False` starts over) and returns a finished run's result untrained.
     """
@@ -102,7 +105,8 @@ def finetune(model_path: str | Path, data: str | Path, args: TrainingArguments, 
         overrides["num_labels"] = len(train_set.label_names)
     settings = {"task": task, "block_size" if task == "causal-lm" else "max_length": length,
                 "eval_fraction": None if eval_data else eval_fraction, "quantization": quantization,
-                "torch_dtype": torch_dtype, "adapter_dtype": adapter_dtype}
+                "torch_dtype": torch_dtype, "adapter_dtype": adapter_dtype,
+                "half_head": bool(quantization and half_head)}
     fingerprint = run_fingerprint(base_fingerprint(model_path), lora or LoraConfig(), args,
                                   data_fingerprint(train=data, eval=eval_data), settings)
     finished = finished_run(Path(args.output_dir), fingerprint, args, int(os.environ.get("RANK", "0")) == 0)
@@ -117,6 +121,8 @@ def finetune(model_path: str | Path, data: str | Path, args: TrainingArguments, 
                  device_map=device_map, max_memory=max_memory, offload_folder=offload_folder, **overrides)
     if quantization:
         prepare_for_kbit_training(model, gradient_checkpointing)
+        if half_head:  # the frozen tied head in the compute dtype: a faster step (finetuning/fastpath.py)
+            half_precision_head(model)
     elif gradient_checkpointing:
         enable_input_require_grads(model)
         model.gradient_checkpointing_enable()

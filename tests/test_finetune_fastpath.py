@@ -1,0 +1,72 @@
+"""The faster QLoRA step (`half_precision_head`, on by default in qopt.finetune) trains like PEFT's all-fp32
+recipe: the same losses within bf16 noise."""
+import json
+
+import torch
+
+import qopt
+from qopt.finetuning.data import LMBlocks
+from qopt.finetuning.fastpath import half_precision_head
+from qopt.finetuning.lora import LoraConfig, add_lora
+from qopt.finetuning.recipe import prepare_for_kbit_training
+from qopt.finetuning.trainer import CHECKPOINT_DIR, TRAINER_STATE, TrainingArguments, train
+
+
+def tiny_checkpoint(folder, vocab=1000):
+    torch.manual_seed(0)
+    config = qopt.OPTConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, ffn_dim=256,
+                            num_attention_heads=4, max_position_embeddings=64, dropout=0.0)
+    model = qopt.OPTForCausalLM(config)
+    model.init_weights()
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(10)
+    model.to(torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
+def losses(folder, out, half):
+    torch.manual_seed(0)
+    model = qopt.load(folder, quantization="nf4", torch_dtype=None, progress=False)
+    prepare_for_kbit_training(model)
+    if half:
+        assert half_precision_head(model)
+        assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+        assert model.lm_head.weight is model.get_input_embeddings().weight
+    add_lora(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    ids = (torch.arange(32)[None, :] * 7 + torch.arange(64)[:, None] * 3) % 900 + 20
+    args = TrainingArguments(str(out), max_steps=20, batch_size=4, learning_rate=5e-3, progress=False)
+    return model, train(model, LMBlocks(ids), None, args).losses
+
+
+def test_losses_over_20_steps_match_the_all_fp32_recipe(tmp_path):
+    folder = tiny_checkpoint(tmp_path / "tiny")
+    _, plain = losses(folder, tmp_path / "plain", half=False)
+    model, fast = losses(folder, tmp_path / "fast", half=True)
+    assert plain[-1] < plain[0] - 0.5  # both runs learn
+    worst = max(abs(a - b) / abs(a) for a, b in zip(plain, fast))
+    assert worst < 5e-3, (worst, plain, fast)  # bf16 logits: 8 bits of mantissa, about 0.4% per value
+    # the residual stream stays fp32: only the head's input is cast down
+    hidden = model.model.decoder(input_ids=torch.arange(10)[None] + 20).last_hidden_state
+    assert hidden.dtype == torch.float32
+
+
+def test_nothing_changes_without_a_16_bit_compute_dtype_or_a_tied_frozen_head(tmp_path):
+    folder = tiny_checkpoint(tmp_path / "tiny")
+    float_model = qopt.load(folder, torch_dtype=None, progress=False)
+    prepare_for_kbit_training(float_model)
+    assert not half_precision_head(float_model)  # no 4-bit compute dtype to follow
+    assert float_model.get_input_embeddings().weight.dtype == torch.float32
+    fp32 = qopt.QuantizationConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    model = qopt.load(folder, quantization=fp32, torch_dtype=None, progress=False)
+    prepare_for_kbit_training(model)
+    assert not half_precision_head(model)
+
+
+def test_qopt_finetune_takes_the_fast_path_by_default(tmp_path):
+    folder = tiny_checkpoint(tmp_path / "tiny", vocab=50272)
+    data = tmp_path / "train.txt"
+    data.write_text("The cat sat on the mat and looked at the door.\n" * 60)
+    args = TrainingArguments(str(tmp_path / "out"), max_steps=2, batch_size=2, progress=False)
+    qopt.finetune(folder, data, args, quantization="nf4", block_size=32)
+    state = json.loads((tmp_path / "out" / CHECKPOINT_DIR / TRAINER_STATE).read_text())
+    assert state["fingerprint"]["training"]["half_head"] is True
