@@ -1,14 +1,18 @@
 """QLoRA training step: qopt against transformers + peft on the same random checkpoint, in fresh processes.
 
-Usage:  python evals/bench_finetune.py [--shape small|125m] [--steps 10] [--threads 1] [--rounds 3]
+Usage:  python evals/bench_finetune.py [--shape small|125m|350m] [--steps 10] [--threads 1] [--rounds 3]
 
 Each side runs in its own subprocess: load the checkpoint in NF4 (bf16 compute), prepare it for k-bit training
 (gradient checkpointing on), add LoRA r=8 on q_proj / v_proj, then time forward + backward + AdamW steps on
 batch x seq random tokens. Sides: qopt's default `qopt.finetune` path ("ours": the frozen tied head kept in
-bf16), qopt with PEFT's all-fp32 recipe ("plain"), and transformers + peft ("peer"); `--rounds` repeats them in
-turn, so each round's three runs see the same machine load, and the medians over rounds are printed. Printed: median step time, tokens/s, trainable parameters and peak RSS above the
-RSS after imports (VmHWM; docs/design.md, "Measuring memory"), for both sides, and the ratios. Take timings
-on an idle machine.
+bf16, the loss through it a chunk at a time, and only as many layers recomputed as keep the planned peak within
+the standard recipe's; "ours-ckpt": the same with every layer recomputed), qopt with PEFT's all-fp32 recipe
+("plain"), transformers + peft's standard recipe
+("peer": prepare_model_for_kbit_training) and transformers + peft without the k-bit preparation ("peer-noprep":
+bf16 throughout, checkpointing switched on by hand). `--rounds` repeats them in turn, so each round's runs see
+the same machine load, and the medians over rounds are printed: step time, tokens/s, trainable parameters,
+layers recomputed and peak RSS above the RSS after imports (VmHWM, load included; docs/design.md, "Measuring
+memory"), and the ratios to the peer. Take timings on an idle machine.
 """
 from __future__ import annotations
 
@@ -22,7 +26,10 @@ import time
 from pathlib import Path
 
 SHAPES = {"small": dict(hidden_size=256, num_hidden_layers=4, ffn_dim=1024, num_attention_heads=4),
-          "125m": dict(hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12)}
+          "125m": dict(hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12),
+          "350m": dict(hidden_size=1024, num_hidden_layers=24, ffn_dim=4096, num_attention_heads=16,
+                       word_embed_proj_dim=512, do_layer_norm_before=False)}
+SIDES = ("ours", "ours-ckpt", "plain", "peer", "peer-noprep")
 
 
 def rss_kib(field: str) -> int:
@@ -36,9 +43,9 @@ def run_side(side: str, folder: str, steps: int, batch: int, seq: int, threads: 
     import torch
 
     torch.set_num_threads(threads)
-    if side in ("ours", "plain"):
+    if side in ("ours", "ours-ckpt", "plain"):
         import qopt
-        from qopt.finetuning.fastpath import half_precision_head
+        from qopt.finetuning.fastpath import auto_checkpointing, fast_path
         from qopt.finetuning.lora import LoraConfig, add_lora, trainable_parameters
         from qopt.finetuning.recipe import prepare_for_kbit_training
     else:
@@ -46,18 +53,25 @@ def run_side(side: str, folder: str, steps: int, batch: int, seq: int, threads: 
         import transformers
         from transformers.integrations import bitsandbytes  # noqa: F401  (imported lazily otherwise)
     base_rss = rss_kib("VmRSS")
-    if side in ("ours", "plain"):
+    if side in ("ours", "ours-ckpt", "plain"):
         model = qopt.load(folder, quantization="nf4", torch_dtype=torch.bfloat16, progress=False)
         prepare_for_kbit_training(model)
+        lora = LoraConfig(r=8, lora_alpha=16)
+        add_lora(model, lora)
+        if side != "plain":  # what qopt.finetune does by default ("ours-ckpt": still every layer recomputed)
+            fast_path(model)
         if side == "ours":
-            half_precision_head(model)
-        add_lora(model, LoraConfig(r=8, lora_alpha=16))
+            model.gradient_checkpointing_enable(layers=auto_checkpointing(model, lora, batch, seq))
         trainable = trainable_parameters(model)[0]
     else:
         quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                 bnb_4bit_compute_dtype=torch.bfloat16)
         model = transformers.OPTForCausalLM.from_pretrained(folder, quantization_config=quant, dtype=torch.bfloat16)
-        model = peft.prepare_model_for_kbit_training(model)
+        if side == "peer":
+            model = peft.prepare_model_for_kbit_training(model)
+        else:  # peft without the k-bit preparation: bf16 everywhere, checkpointing switched on by hand
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            model.enable_input_require_grads()
         model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
                                                            task_type="CAUSAL_LM"))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -72,7 +86,9 @@ def run_side(side: str, folder: str, steps: int, batch: int, seq: int, threads: 
         optimizer.zero_grad()
         times.append(time.perf_counter() - start)
     step = statistics.median(times[1:])
-    return {"step_s": step, "tokens_per_s": batch * seq / step, "trainable": trainable,
+    decoder = model.get_decoder() if side in ("ours", "ours-ckpt", "plain") else None
+    checkpointed = decoder.checkpointed_layers if decoder is not None else -1  # the peer: every layer
+    return {"step_s": step, "tokens_per_s": batch * seq / step, "trainable": trainable, "checkpointed": checkpointed,
             "peak_rss_mib": (rss_kib("VmHWM") - base_rss) / 1024}
 
 
@@ -84,7 +100,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=1, help="runs of each side, taking turns")
-    ap.add_argument("--side", choices=("ours", "plain", "peer"), help=argparse.SUPPRESS)  # the subprocess' role
+    ap.add_argument("--json", help="also write every run and the medians here")
+    ap.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # the subprocess' role
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:
@@ -97,7 +114,7 @@ def main() -> None:
         torch.manual_seed(0)
         config = transformers.OPTConfig(vocab_size=50272, max_position_embeddings=2048, **SHAPES[args.shape])
         transformers.OPTForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
-        runs: dict[str, list[dict]] = {"ours": [], "plain": [], "peer": []}
+        runs: dict[str, list[dict]] = {side: [] for side in SIDES}
         for _ in range(args.rounds):
             for side in runs:
                 out = subprocess.run([sys.executable, __file__, "--side", side, "--folder", folder, "--steps",
@@ -107,15 +124,20 @@ def main() -> None:
         results = {side: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for side, rs in runs.items()}
     print(f"QLoRA step, OPT {args.shape} shape, NF4 + bf16 compute, r=8 q/v, batch {args.batch} x {args.seq}, "
           f"{args.threads} thread(s)")
-    print(f"{'':10s} {'step s':>8s} {'tokens/s':>9s} {'trainable':>10s} {'peak RSS MiB':>13s}  (median of "
-          f"{args.rounds} round(s))")
+    print(f"{'':12s} {'step s':>8s} {'tokens/s':>9s} {'trainable':>10s} {'recomputed':>10s} {'peak RSS MiB':>13s}  "
+          f"(median of {args.rounds} round(s))")
     for side, r in results.items():
-        print(f"{side:10s} {r['step_s']:8.3f} {r['tokens_per_s']:9.0f} {int(r['trainable']):10,d} "
+        layers = "all" if r["checkpointed"] < 0 else f"{int(r['checkpointed'])}"
+        print(f"{side:12s} {r['step_s']:8.3f} {r['tokens_per_s']:9.0f} {int(r['trainable']):10,d} {layers:>10s} "
               f"{r['peak_rss_mib']:13.0f}")
     peer = results["peer"]
-    for side in ("ours", "plain"):
-        print(f"ratio {side}/peer: step time {results[side]['step_s'] / peer['step_s']:.2f}, "
-              f"peak RSS {results[side]['peak_rss_mib'] / peer['peak_rss_mib']:.2f}")
+    for side in ("ours", "ours-ckpt", "plain", "peer-noprep"):
+        print(f"{side}: {peer['step_s'] / results[side]['step_s']:.2f}x the peer's speed, "
+              f"{results[side]['peak_rss_mib'] / peer['peak_rss_mib']:.2f}x its peak RSS")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"shape": args.shape, "batch": args.batch, "seq": args.seq,
+                                               "threads": args.threads, "runs": runs, "medians": results},
+                                              indent=1) + "\n")
 
 
 if __name__ == "__main__":

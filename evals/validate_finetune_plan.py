@@ -5,11 +5,12 @@ Usage:  python evals/validate_finetune_plan.py [--runs 3] [--steps 4] [--only 12
 
 For each setting (shape, batch x seq, gradient checkpointing, LoRA rank) a fresh process loads a random
 OPT-125M- or OPT-350M-shaped checkpoint (bf16 safetensors, written here by qopt) in NF4 as `qopt.finetune`
-does (float32 for what stays unquantized, bf16 compute), prepares it for k-bit training with the tied head
-back in bf16 (`half_precision_head`), adds LoRA on q_proj / v_proj and runs `qopt.finetuning.trainer.train`
-for a few steps with AdamW. Peak RSS is VmHWM minus the RSS
-after the imports (docs/design.md, "Measuring memory"); the peak is reset through /proc/self/clear_refs after
-the load, so the load and the training phase are measured apart in one process. Printed: a markdown table of
+does (float32 for what stays unquantized, bf16 compute), prepares it for k-bit training, adds LoRA on
+q_proj / v_proj, applies `qopt.finetune`'s fast path (`fast_path`: the tied head back in bf16, the fused loss; an
+"auto" setting also recomputes only the layers `auto_checkpointing` names) and runs `qopt.finetuning.trainer.train`
+for a few steps with AdamW. Peak RSS is VmHWM minus the RSS after the imports (docs/design.md, "Measuring
+memory"); the peak is reset through /proc/self/clear_refs after the load, so the load and the training phase
+are measured apart in one process. Printed: a markdown table of
 the plan's figures against the median of `--runs` processes (with their spread) and the error.
 """
 from __future__ import annotations
@@ -22,10 +23,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-SETTINGS = [  # shape, batch, seq, gradient checkpointing, r
+SETTINGS = [  # shape, batch, seq, gradient checkpointing (True, False or "auto"), r
     ("125m", 4, 128, True, 8), ("125m", 4, 128, False, 8), ("125m", 2, 256, True, 16), ("125m", 8, 64, False, 8),
     ("125m", 1, 256, False, 8), ("125m", 2, 128, True, 4), ("350m", 2, 128, True, 8), ("350m", 2, 128, False, 8),
-    ("350m", 4, 128, True, 16), ("350m", 1, 256, True, 8)]
+    ("350m", 4, 128, True, 16), ("350m", 1, 256, True, 8), ("350m", 4, 128, "auto", 8), ("350m", 2, 256, "auto", 16)]
 MiB = 2**20
 
 
@@ -36,7 +37,7 @@ def kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def child(folder: str, batch: int, seq: int, checkpointing: bool, r: int, steps: int, out: str) -> dict:
+def child(folder: str, batch: int, seq: int, checkpointing: bool | str, r: int, steps: int, out: str) -> dict:
     import torch
 
     torch.set_num_threads(1)
@@ -45,7 +46,7 @@ def child(folder: str, batch: int, seq: int, checkpointing: bool, r: int, steps:
 
     import qopt
     from qopt.finetuning.data import LMBlocks
-    from qopt.finetuning.fastpath import half_precision_head
+    from qopt.finetuning.fastpath import auto_checkpointing, fast_path
     from qopt.finetuning.lora import LoraConfig, add_lora
     from qopt.finetuning.recipe import prepare_for_kbit_training
     from qopt.finetuning.trainer import TrainingArguments, train
@@ -54,12 +55,16 @@ def child(folder: str, batch: int, seq: int, checkpointing: bool, r: int, steps:
     model = qopt.load(folder, quantization="nf4", torch_dtype=None, progress=False)
     load_peak = kib("VmHWM") - base
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: the training phase's own peak from here
-    prepare_for_kbit_training(model, checkpointing)
-    half_precision_head(model)  # as qopt.finetune does on a quantized base
-    add_lora(model, LoraConfig(r=r, lora_alpha=2 * r))
+    prepare_for_kbit_training(model, bool(checkpointing))
+    lora = LoraConfig(r=r, lora_alpha=2 * r)
+    add_lora(model, lora)
+    fast_path(model)  # as qopt.finetune does: the tied head in bf16, the loss through it a chunk at a time
+    if checkpointing == "auto":  # and only as many layers recomputed as keep the standard recipe's peak
+        model.gradient_checkpointing_enable(layers=auto_checkpointing(model, lora, batch, seq))
     blocks = torch.randint(3, 50000, (batch * (steps + 1), seq), generator=torch.Generator().manual_seed(0))
     train(model, LMBlocks(blocks), None, TrainingArguments(out, max_steps=steps, batch_size=batch, progress=False))
-    return {"load": load_peak * 1024, "train": (kib("VmHWM") - base) * 1024}
+    return {"load": load_peak * 1024, "train": (kib("VmHWM") - base) * 1024,
+            "checkpointed": model.get_decoder().checkpointed_layers if bool(checkpointing) else 0}
 
 
 def write_checkpoint(size: str, folder: Path) -> None:
@@ -84,16 +89,20 @@ def table_row(record: dict, plan: object) -> str:
         spread = (max(values) - min(values)) / MiB
         cells += [f"{predicted / MiB:.0f} MiB", f"{median / MiB:.0f} MiB ({spread:.0f})",
                   f"{100 * (predicted - median) / median:+.1f}%"]
-    return (f"| {record['shape']} | {record['batch']} x {record['seq']} | "
-            f"{'on' if record['checkpointing'] else 'off'} | {record['r']} | {' | '.join(cells)} |")
+    gc = record["checkpointing"]
+    gc = f"auto: {plan.checkpointed_layers} of {plan.decoder_layers}" if gc == "auto" else "on" if gc else "off"
+    return f"| {record['shape']} | {record['batch']} x {record['seq']} | {gc} | {record['r']} | {' | '.join(cells)} |"
 
 
 def plan_for(record: dict, folder: Path | None = None) -> object:
     from qopt.finetuning.plan import plan_finetune
 
     source = folder or f"opt-{record['shape']}"
+    checkpointing = record["checkpointing"]
+    if checkpointing == "auto":  # what "auto" chose when the runs were measured (the plan of now may differ)
+        checkpointing = record["runs"][0]["checkpointed"]
     return plan_finetune(source, machine="cpu", r=record["r"], batch=record["batch"], seq=record["seq"],
-                         gradient_checkpointing=record["checkpointing"], shard_size=record.get("shard_bytes"))
+                         gradient_checkpointing=checkpointing, shard_size=record.get("shard_bytes"))
 
 
 def fit(records: list[dict]) -> None:
@@ -107,9 +116,9 @@ def fit(records: list[dict]) -> None:
     for record in records:
         plan = plan_for(record)
         linears = plan.host_load["retained heap (glibc)"] / plan_module.CPU_HEAP_LOAD
-        kept = plan.other_activations if record["checkpointing"] else plan.sizes.activations
-        gc = record["checkpointing"]
-        rows.append([linears, kept if gc else 0.0, 0.0 if gc else kept])
+        kept = plan.kept_without_checkpointing
+        on = plan.checkpointed_layers / plan.decoder_layers  # the share of layers recomputed
+        rows.append([linears, kept * on, kept * (1 - on)])
         excess.append(statistics.median(r["train"] for r in record["runs"]) - (plan.sizes.total - plan.sizes.runtime))
     x, y = np.array(rows), np.array(excess)
     coef = np.linalg.lstsq(x, y, rcond=None)[0]
@@ -120,8 +129,9 @@ def fit(records: list[dict]) -> None:
         left_out = np.linalg.lstsq(x[keep], y[keep], rcond=None)[0]
         total = statistics.median(r["train"] for r in record["runs"])
         error = x[i] @ left_out - y[i]
+        gc = record["checkpointing"]
         print(f"{record['shape']} {record['batch']} x {record['seq']} checkpointing "
-              f"{'on' if record['checkpointing'] else 'off'}: left out, {error / MiB:+.0f} MiB "
+              f"{gc if gc == 'auto' else 'on' if gc else 'off'}: left out, {error / MiB:+.0f} MiB "
               f"({100 * error / total:+.1f}% of the peak)")
 
 
@@ -141,7 +151,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         folder, batch, seq, gc, r, steps, out = args.child
-        print(json.dumps(child(folder, int(batch), int(seq), gc == "1", int(r), int(steps), out)))
+        print(json.dumps(child(folder, int(batch), int(seq), {"1": True, "0": False}.get(gc, gc), int(r), int(steps),
+                               out)))
         return
     if args.fit:
         fit(json.loads(Path(args.fit).read_text()))
@@ -155,7 +166,8 @@ def main() -> None:
         return
     settings = [s for s in SETTINGS if not args.only or s[0] == args.only]
     if args.settings:
-        settings = [(a, int(b), int(c), d == "on", int(e)) for a, b, c, d, e in (x.split(":") for x in args.settings)]
+        settings = [(a, int(b), int(c), {"on": True, "off": False}.get(d, d), int(e))
+                    for a, b, c, d, e in (x.split(":") for x in args.settings)]
     records = []
     with tempfile.TemporaryDirectory() as tmp:
         for shape in dict.fromkeys(s[0] for s in settings):
@@ -166,7 +178,7 @@ def main() -> None:
                           "shard_bytes": (folder / "model.safetensors").stat().st_size}
                 for i in range(args.runs):
                     out = subprocess.run([sys.executable, __file__, "--child", str(folder), str(batch), str(seq),
-                                          "1" if gc else "0", str(r), str(args.steps),
+                                          {True: "1", False: "0"}.get(gc, gc), str(r), str(args.steps),
                                           f"{tmp}/out-{shape}-{batch}x{seq}-{gc}-{r}-{i}"],
                                          capture_output=True, text=True, check=True)
                     record["runs"].append(json.loads(out.stdout.strip().splitlines()[-1]))

@@ -1,12 +1,13 @@
-"""The faster QLoRA step (`half_precision_head`, on by default in qopt.finetune) trains like PEFT's all-fp32
-recipe: the same losses within bf16 noise."""
+"""The faster QLoRA step (`fast_path`: the tied head in bf16 and the fused loss, on by default in qopt.finetune)
+trains like PEFT's all-fp32 recipe: the same losses within bf16 noise."""
 import json
 
+import pytest
 import torch
 
 import qopt
 from qopt.finetuning.data import LMBlocks
-from qopt.finetuning.fastpath import half_precision_head
+from qopt.finetuning.fastpath import fast_path, half_precision_head
 from qopt.finetuning.lora import LoraConfig, add_lora
 from qopt.finetuning.recipe import prepare_for_kbit_training
 from qopt.finetuning.trainer import CHECKPOINT_DIR, TRAINER_STATE, TrainingArguments, train
@@ -28,11 +29,11 @@ def losses(folder, out, half):
     torch.manual_seed(0)
     model = qopt.load(folder, quantization="nf4", torch_dtype=None, progress=False)
     prepare_for_kbit_training(model)
+    add_lora(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
     if half:
-        assert half_precision_head(model)
+        assert fast_path(model) == ("half_head", "fused_loss")
         assert model.get_input_embeddings().weight.dtype == torch.bfloat16
         assert model.lm_head.weight is model.get_input_embeddings().weight
-    add_lora(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
     ids = (torch.arange(32)[None, :] * 7 + torch.arange(64)[:, None] * 3) % 900 + 20
     args = TrainingArguments(str(out), max_steps=20, batch_size=4, learning_rate=5e-3, progress=False)
     return model, train(model, LMBlocks(ids), None, args).losses
@@ -67,6 +68,19 @@ def test_qopt_finetune_takes_the_fast_path_by_default(tmp_path):
     data = tmp_path / "train.txt"
     data.write_text("The cat sat on the mat and looked at the door.\n" * 60)
     args = TrainingArguments(str(tmp_path / "out"), max_steps=2, batch_size=2, progress=False)
-    qopt.finetune(folder, data, args, quantization="nf4", block_size=32)
+    result = qopt.finetune(folder, data, args, quantization="nf4", block_size=32)
     state = json.loads((tmp_path / "out" / CHECKPOINT_DIR / TRAINER_STATE).read_text())
     assert state["fingerprint"]["training"]["half_head"] is True
+    # auto checkpointing: a tiny model's activations fit in what the fp32 logits of PEFT's recipe would take
+    assert result.recomputed_layers == "0 of 2" and "(0 of 2 layers recomputed)" in result.summary()
+
+
+def test_the_command_line_spells_the_checkpointing_choices():
+    from qopt.cli.common import checkpointing
+    from qopt.cli.main import build_parser
+
+    parse = lambda *flags: checkpointing(build_parser().parse_args(["finetune", "--data", "x.txt", "-o", "out", *flags]))  # noqa
+    assert parse() == "auto" and parse("--gradient-checkpointing", "on") is True
+    assert parse("--gradient-checkpointing", "off") is False and parse("--no-gradient-checkpointing") is False
+    with pytest.raises(ValueError, match="gradient_checkpointing: expected True, False or 'auto'"):
+        qopt.finetune("unused", "unused.txt", TrainingArguments("unused-out"), gradient_checkpointing="sometimes")

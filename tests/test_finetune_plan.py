@@ -10,7 +10,7 @@ from torch.utils._pytree import tree_flatten
 import qopt
 from qopt.cli.main import main
 from qopt.evaluation.footprint import weight_footprint
-from qopt.finetuning.fastpath import half_precision_head
+from qopt.finetuning.fastpath import auto_checkpointing, fast_path, half_precision_head
 from qopt.finetuning.lora import LoraConfig, add_lora
 from qopt.finetuning.plan import largest_fitting, optimizer_bytes, plan_finetune
 from qopt.finetuning.recipe import prepare_for_kbit_training
@@ -30,13 +30,18 @@ def tiny(tmp_path_factory):
     return folder
 
 
-def trained_model(folder, r=16, gradient_checkpointing=True):
-    """The qopt.finetune path: NF4 base, float32 elsewhere, prepared (tied head back in bf16), adapter added."""
+def trained_model(folder, r=16, gradient_checkpointing=True, fused=True):
+    """The qopt.finetune path: NF4 base, float32 elsewhere, prepared, adapter added, tied head back in bf16 and
+    (`fused`) the loss through it a chunk at a time."""
     model = qopt.load(folder, quantization="nf4", torch_dtype=None, progress=False)
-    prepare_for_kbit_training(model, gradient_checkpointing)
-    assert half_precision_head(model)
-    add_lora(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS))
-    return model
+    prepare_for_kbit_training(model, bool(gradient_checkpointing))
+    lora = LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS)
+    add_lora(model, lora)
+    if fused:
+        assert fast_path(model) == ("half_head", "fused_loss")
+    else:
+        assert half_precision_head(model)
+    return model, lora
 
 
 class LiveBytes(TorchDispatchMode):
@@ -67,7 +72,7 @@ class LiveBytes(TorchDispatchMode):
 
 def test_adapter_gradient_and_optimizer_bytes_match_the_layers_add_lora_adds(tiny):
     plan = plan_finetune(tiny, r=16, target_modules=TARGETS, optimizer="adamw8bit", batch=2, seq=32)
-    model = trained_model(tiny, r=16)
+    model = trained_model(tiny, r=16)[0]
     params = [p for p in model.parameters() if p.requires_grad]
     assert plan.trainable == sum(p.numel() for p in params) == 2 * 16 * (128 + 128 + 128 + 128 + 128 + 512)
     assert plan.lora_layers == 6 and plan.targets == sorted(TARGETS)
@@ -93,12 +98,12 @@ def test_base_weights_match_the_loaded_model(tiny):
     assert abs(plan.sizes.weights - measured) <= 0.01 * measured, (plan.sizes.weights, measured)
 
 
-@pytest.mark.parametrize("checkpointing", [True, False])
-def test_activation_peak_matches_the_live_tensors_of_a_training_step(tiny, checkpointing):
+@pytest.mark.parametrize("checkpointing,fused", [(True, True), (False, True), (True, False), (False, False)])
+def test_activation_peak_matches_the_live_tensors_of_a_training_step(tiny, checkpointing, fused):
     batch, seq = 4, 64
     plan = plan_finetune(tiny, r=16, target_modules=TARGETS, batch=batch, seq=seq,
-                         gradient_checkpointing=checkpointing)
-    model = trained_model(tiny, r=16, gradient_checkpointing=checkpointing).train()
+                         gradient_checkpointing=checkpointing, fused_loss=fused)
+    model = trained_model(tiny, r=16, gradient_checkpointing=checkpointing, fused=fused)[0].train()
     known = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
     for module in model.modules():
         state = getattr(getattr(module, "weight", None), "quant_state", None)
@@ -146,3 +151,49 @@ def test_bad_settings_are_one_line_errors(capsys):
         plan_finetune("opt-125m", machine="tpu")
     assert main(["plan", "opt-125m", "--finetune", "--seq", "4096"]) == 2
     assert "max_position_embeddings" in capsys.readouterr().err
+
+
+def test_auto_checkpointing_recomputes_the_fewest_layers_within_the_standard_recipes_tensors():
+    config = qopt.OPTConfig(vocab_size=16384, hidden_size=512, num_hidden_layers=8, ffn_dim=2048,
+                            num_attention_heads=4, max_position_embeddings=512)
+    settings = dict(machine="cpu", batch=4, seq=256)
+    live = lambda plan: plan.sizes.total - plan.sizes.runtime  # noqa: E731  (what the tensors hold)
+    standard = plan_finetune(config, gradient_checkpointing=True, half_head=False, fused_loss=False, **settings)
+    auto = plan_finetune(config, gradient_checkpointing="auto", **settings)
+    everything = plan_finetune(config, gradient_checkpointing=True, **settings)
+    assert everything.checkpointed_layers == 8 and live(everything) < live(standard)  # the fast path saves ...
+    assert 0 < auto.checkpointed_layers < 8  # ... memory, which buys back some recomputation, not all of it here
+    assert live(auto) <= live(standard)
+    one_fewer = plan_finetune(config, gradient_checkpointing=auto.checkpointed_layers - 1, **settings)
+    assert live(one_fewer) > live(standard)  # the fewest: one layer less would not stay within
+    assert f"on for {auto.checkpointed_layers} of 8 layers" in auto.format()
+
+
+def test_a_partly_checkpointed_step_has_the_planned_peak_and_the_same_gradients(tiny):
+    batch, seq = 4, 64
+    ids = torch.randint(3, 1000, (batch, seq), generator=torch.Generator().manual_seed(0))
+    grads, peaks = [], []
+    for layers in (2, 1):  # all layers recomputed, then only the first
+        torch.manual_seed(0)
+        model, lora = trained_model(tiny, r=16)
+        model.gradient_checkpointing_enable(layers=layers)
+        model.train()
+        known = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+        for module in model.modules():
+            state = getattr(getattr(module, "weight", None), "quant_state", None)
+            if state is not None:
+                known |= {state.absmax.untyped_storage().data_ptr(), state.code.untyped_storage().data_ptr()}
+        torch.manual_seed(1)  # the same dropout masks in both runs
+        with LiveBytes(known) as tracker:
+            model(input_ids=ids, labels=ids).loss.backward()
+        peaks.append(tracker.peak)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+    assert peaks[1] > peaks[0]  # the layer kept costs memory: what "auto" trades
+    for layers, peak in zip((2, 1), peaks):
+        planned = plan_finetune(tiny, r=16, target_modules=TARGETS, batch=batch, seq=seq,
+                                gradient_checkpointing=layers)
+        predicted = planned.sizes.peak_activations + planned.sizes.grads
+        assert abs(predicted - peak) <= 0.15 * peak, (layers, predicted, peak)
+    assert auto_checkpointing(model, lora, batch, seq) in (0, 1, 2)

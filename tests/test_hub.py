@@ -460,16 +460,23 @@ def test_ctrl_c_leaves_the_cache_consistent_and_the_next_run_resumes(hub, tmp_pa
     victim = max(names, key=lambda n: (folder / n).stat().st_size)
     size = (folder / victim).stat().st_size
     hub.faults[("org/big", victim)] = Fault(bytes_per_second=8e6)
-    sent = threading.Event()
-    hub.on_body = lambda repo, name, n: sent.set() if name == victim and n >= 14 * 2**20 else None
+    sent, interrupted = threading.Event(), threading.Event()
+
+    def hold(repo, name, n):  # the server stalls the shard at 14 MiB until the child is interrupted, so a busy
+        if name == victim and n >= 14 * 2**20:  # machine cannot let the download finish before the signal lands
+            sent.set()
+            interrupted.wait(60)
+
+    hub.on_body = hold
     code = "import qopt; qopt.load('org/big', progress=False)"
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "PYTHONPATH": str(Path(qopt.__file__).parent.parent)})
     assert sent.wait(120), "the child never got past 14 MiB of the shard"
     child.send_signal(signal.SIGINT)
     _, err = child.communicate(timeout=60)
-    assert child.returncode != 0 and "KeyboardInterrupt" in err
     hub.on_body = None
+    interrupted.set()
+    assert child.returncode != 0 and "KeyboardInterrupt" in err
     root = storage(tmp_path, "org/big")
     commit = (root / "refs" / "main").read_text()
     sha = hub.repos["org/big"].commits[commit][victim].sha256

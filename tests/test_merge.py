@@ -9,7 +9,6 @@ import qopt
 from qopt.cli.main import main
 from qopt.evaluation.merge import merge_adapter, training_quantization
 from qopt.evaluation.perplexity import text_ids
-from qopt.finetuning.adapters import save_adapter
 from qopt.finetuning.data import LMBlocks
 from qopt.finetuning.lora import LoraConfig, add_lora
 from qopt.finetuning.merge import MergeQuality, merge_into_float

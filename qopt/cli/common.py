@@ -150,6 +150,21 @@ def hub_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # -- outputs --------------------------------------------------------------------------------------------------
+def add_checkpointing(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """`--gradient-checkpointing auto|on|off` (qopt.finetune's `gradient_checkpointing`), one spelling for
+    `qopt finetune` and `qopt plan --finetune`."""
+    parser.add_argument("--gradient-checkpointing", choices=("auto", "on", "off"), default="auto",
+                        help="recompute layers in backward: auto (default) recomputes only as many as keep the "
+                        "planned tensors within PEFT's recipe with all recomputed; on: all; off: none (fastest)")
+    parser.add_argument("--no-gradient-checkpointing", action="store_true", help="--gradient-checkpointing off")
+
+
+def checkpointing(args: argparse.Namespace) -> bool | str:
+    if args.no_gradient_checkpointing:
+        return False
+    return {"auto": "auto", "on": True, "off": False}[args.gradient_checkpointing]
+
+
 def add_output(parser: argparse.ArgumentParser, help: str, required: bool = True) -> None:
     parser.add_argument("-o", "--output", "--out", dest="output", required=required, metavar="DIR", help=help)
 

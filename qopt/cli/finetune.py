@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import (DEFAULT_MODEL_HELP, add_output, add_parser, add_placement, add_precision, model_path, placement,
-                     preset)
+from .common import (DEFAULT_MODEL_HELP, add_checkpointing, add_output, add_parser, add_placement, add_precision,
+                     checkpointing, model_path, placement, preset)
 
 
 # library argument -> this command's flag, in error messages
@@ -56,8 +56,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass")
     t.add_argument("--fp16", action="store_true", help="float16 autocast and compute with loss scaling, for GPUs "
                    "without bfloat16 (e.g. a T4)")
-    t.add_argument("--no-gradient-checkpointing", action="store_true",
-                   help="keep activations instead of recomputing them (faster, more memory)")
+    add_checkpointing(t)
     t.add_argument("--no-resume", action="store_true", help="start over even if OUTPUT has a "
                    "checkpoint (of this run or another)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -83,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     result = finetune(model_path(args.model), args.data, training, lora, task=args.task,
                       eval_data=args.eval_data, eval_fraction=args.eval_fraction, quantization=preset(args),
                       block_size=args.block_size, max_length=args.max_length, **placement(args),
-                      gradient_checkpointing=not args.no_gradient_checkpointing)
+                      gradient_checkpointing=checkpointing(args))
     if result.is_main_process:
         print(result.summary())
         print(f"adapter {'in' if result.already_done else 'written to'} {args.output} (PEFT format)")

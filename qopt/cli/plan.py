@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_hub, add_parser
+from .common import add_checkpointing, add_hub, add_parser, checkpointing
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -43,7 +43,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter's input")
     f.add_argument("--optimizer", choices=("adamw", "adamw8bit", "paged_adamw8bit"), default="adamw",
                    help="AdamW with fp32 states, or bitsandbytes' 8-bit states")
-    f.add_argument("--no-gradient-checkpointing", action="store_true", help="keep every layer's activations")
+    add_checkpointing(f)
     f.add_argument("--compute-dtype", choices=("bfloat16", "float16", "float32"),
                    help="dtype of the quantized matmuls (default: bfloat16, float16 on a GPU without bf16)")
     f.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="float32",
@@ -109,7 +109,7 @@ def run_finetune(args: argparse.Namespace) -> int:
                            bits=args.bits, quant_type=args.quant_type, double_quant=args.double_quant, r=args.r,
                            target_modules=targets, lora_dropout=args.lora_dropout, optimizer=args.optimizer,
                            batch=args.batch or 4, seq=args.seq,
-                           gradient_checkpointing=not args.no_gradient_checkpointing,
+                           gradient_checkpointing=checkpointing(args),
                            compute_dtype=args.compute_dtype, load_dtype=args.dtype, shard_size=args.shard_size)
     print(result.format())
     return 0 if result.fits else 1

@@ -1,4 +1,6 @@
-"""A faster QLoRA step: the frozen tied embedding / output head kept in the compute dtype.
+"""A faster QLoRA step: the frozen tied embedding / output head kept in the compute dtype, the loss taken
+through that frozen head chunk by chunk (qopt/model/head_loss.py) instead of from the full logits, and the
+memory those two save spent on recomputing fewer layers (`auto_checkpointing`).
 
 `prepare_for_kbit_training` (PEFT's recipe) upcasts every unquantized tensor to fp32, the tied embedding
 included, so the output head multiplies tokens x hidden by hidden x vocab in fp32, forward and backward. On
@@ -14,7 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..model.network import OPTForCausalLM
+from ..quant.config import QuantizationConfig
 from ..quant.modules import is_quantized
+from .lora import LoraConfig
+from .plan import Machine, machine_preset, plan_finetune
 
 
 def compute_dtype_of(model: nn.Module) -> torch.dtype | None:
@@ -44,3 +50,32 @@ def half_precision_head(model: nn.Module, dtype: torch.dtype | None = None) -> b
 
 def _cast_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
     return (args[0].to(module.weight.dtype), *args[1:])
+
+
+def fast_path(model: nn.Module, half_head: bool = True) -> tuple[str, ...]:
+    """`qopt.finetune`'s speed-ups, applied after `prepare_for_kbit_training` / `add_lora`; returns their names.
+    The fused loss changes no number beyond float rounding; the half-precision head is `half_precision_head`."""
+    applied = ("half_head",) if half_head and half_precision_head(model) else ()
+    if isinstance(model, OPTForCausalLM):
+        model.fused_loss = True  # takes effect only while the head is a frozen nn.Linear
+        applied += ("fused_loss",)
+    return applied
+
+
+def auto_checkpointing(model: nn.Module, lora: LoraConfig, batch: int, seq: int, optimizer: str = "adamw") -> int:
+    """How many decoder layers (from the first) to recompute in backward: the fewest that keep this step's
+    planned live tensors (fast path on) within those of PEFT's standard recipe (every layer recomputed, fp32 head,
+    loss from the full logits), so the default asks no more of a GPU than the usual recipe and is faster."""
+    stored = getattr(model.config, "quantization_config", None)
+    quant = QuantizationConfig.from_dict(stored) if stored else None
+    device = next(model.parameters()).device
+    machine: Machine = machine_preset("cpu", host=1) if device.type != "cuda" else Machine(
+        "this GPU", torch.cuda.get_device_properties(device).total_memory, 1, torch.cuda.is_bf16_supported())
+    plan = plan_finetune(model.config, machine=machine, bits=quant.bits if quant else 16,
+                         quant_type=quant.bnb_4bit_quant_type if quant else "nf4",
+                         double_quant=bool(quant and quant.bnb_4bit_use_double_quant), r=lora.r,
+                         target_modules=lora.target_modules, lora_dropout=lora.lora_dropout, optimizer=optimizer,
+                         batch=batch, seq=seq, gradient_checkpointing="auto",
+                         compute_dtype=quant.bnb_4bit_compute_dtype if quant and quant.load_in_4bit else None,
+                         load_dtype=torch.float32 if quant else next(model.parameters()).dtype)
+    return plan.checkpointed_layers

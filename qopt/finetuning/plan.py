@@ -21,6 +21,7 @@ from accelerate.utils import compute_module_sizes
 
 from ..io.checkpoint import inspect_checkpoint
 from ..model.config import OPTConfig
+from ..model.head_loss import chunk_rows
 from ..place.plan import config_for
 from ..place.sizes import meta_model, sizing_view
 from ..quant.config import QuantizationConfig
@@ -37,11 +38,12 @@ BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes' 8-bit optimizers keep fp32 states for 
 BNB_STATE_BLOCK = 256  # values per absmax of a blockwise 8-bit optimizer state
 # glibc keeps freed heap chunks resident, so on a CPU peak RSS exceeds the peak of live tensors. Fitted on the
 # OPT-125M / 350M settings of evals/validate_finetune_plan.py (`--fit`; docs/design.md, "The fine-tune memory
-# plan"): at the load's peak about 0.13 x the quantized linears' float32 bytes; during training about 0.25 x
-# those bytes plus this share of the activations a step without checkpointing keeps (checkpointing on / off).
+# plan"): at the load's peak about 0.13 x the quantized linears' float32 bytes; during training about 0.06 x
+# those bytes plus this share of the activations a step without checkpointing keeps (all layers recomputed /
+# none; in between, in proportion to the layers recomputed).
 CPU_HEAP_LOAD = 0.13
-CPU_HEAP_WEIGHTS = 0.25
-CPU_HEAP_TRAIN = {True: 0.37, False: 0.52}
+CPU_HEAP_WEIGHTS = 0.057
+CPU_HEAP_TRAIN = {True: 0.89, False: 1.22}
 
 
 @dataclass(frozen=True)
@@ -117,10 +119,13 @@ class FinetunePlan:
     batch: int
     seq: int
     gradient_checkpointing: bool
+    checkpointed_layers: int  # decoder layers recomputed in backward (all with checkpointing on, unless "auto")
     sizes: Sizes
     other_activations: int  # peak activations with gradient checkpointing the other way
     half_head: bool = False  # the tied head kept in the compute dtype (qopt.finetune's fast path)
     host_load: dict[str, int] = field(default_factory=dict)  # what the host holds at the load's peak
+    decoder_layers: int = 0
+    kept_without_checkpointing: int = 0  # activations of a step that recomputes nothing: the CPU heap's basis
     largest_batch: int = 0  # at `seq`
     largest_seq: int = 0  # at `batch`
 
@@ -150,22 +155,25 @@ class FinetunePlan:
 
     def format(self) -> str:
         s, gc = self.sizes, self.gradient_checkpointing
+        layers = self.decoder_layers
+        ckpt = "on" if gc else "off"
+        if gc and self.checkpointed_layers < layers:
+            ckpt = f"on for {self.checkpointed_layers} of {layers} layers"
         dev = "GPU" if self.machine.device == "cuda" else "CPU"
         row = lambda name, value, note="": f"  {name:34s} {format_bytes(value):>11s}  {note}".rstrip()  # noqa: E731
         lines = [f"{self.label} fine-tune on {self.machine.name} ({dev} {format_bytes(self.limit)}, host RAM "
                  f"{format_bytes(self.machine.host_bytes)}): {self.quantization}, compute "
                  f"{str(self.compute_dtype).removeprefix('torch.')}, LoRA r={self.r} on "
                  f"{', '.join(self.targets)} ({self.lora_layers} layers, {self.trainable:,} parameters), "
-                 f"{self.optimizer}, batch {self.batch} x {self.seq} tokens, gradient checkpointing "
-                 f"{'on' if gc else 'off'}",
+                 f"{self.optimizer}, batch {self.batch} x {self.seq} tokens, gradient checkpointing {ckpt}",
                  f"{dev} during training:",
                  row("base weights", s.weights, "quantized linears; tied head in the compute dtype; norms fp32"
                      if self.half_head else "quantized linears; embeddings, norms, biases fp32"),
                  row("LoRA weights", s.lora),
                  row("LoRA gradients", s.grads),
                  row("optimizer state", s.optimizer, self.optimizer),
-                 row(f"activations (checkpointing {'on' if gc else 'off'})", s.activations,
-                     f"{'off' if gc else 'on'}: {format_bytes(self.other_activations)}"),
+                 row("activations", s.activations, f"{self.checkpointed_layers} of {layers} layers recomputed; "
+                     f"{'none' if gc else 'all'}: {format_bytes(self.other_activations)}"),
                  row("dequantization buffers", s.dequant, "largest quantized weight, forward and backward"),
                  row("activation peak", s.peak_activations, "activations and buffers live at the same time"),
                  row("CUDA context" if dev == "GPU" else "retained heap (glibc)", s.runtime,
@@ -213,6 +221,7 @@ class _Shape:
     r: int
     lora_dropout: float
     largest_quantized: int  # elements of the largest quantized weight (0: none)
+    fused_loss: bool = True  # the loss through the frozen head a chunk at a time (model/head_loss.py)
 
 
 def _layer_bytes(shape: _Shape, batch: int, seq: int) -> int:
@@ -237,24 +246,32 @@ def _layer_bytes(shape: _Shape, batch: int, seq: int) -> int:
     return size
 
 
-def activation_peak(shape: _Shape, batch: int, seq: int, checkpointing: bool) -> tuple[int, int, int]:
-    """(activations, dequantization buffers, their joint peak) for one training step.
+def activation_peak(shape: _Shape, batch: int, seq: int, checkpointed: int) -> tuple[int, int, int]:
+    """(activations, dequantization buffers, their joint peak) for one training step with the first
+    `checkpointed` decoder layers recomputed in backward.
 
-    Two moments compete: the loss's backward (log-softmax output, its gradient and the logits' gradient, all
-    fp32 tokens x vocab, while the last layer's backward starts) and a decoder layer's backward (its recomputed
-    activations with checkpointing, the gradients flowing through it, the dequantized weight).
+    Three moments compete: the loss (unfused: its backward, with the log-softmax output, its gradient and the
+    logits' gradient, all fp32 tokens x vocab, while the last layer's backward starts; fused: one chunk's fp32
+    logits and log-probabilities beside the hidden states' gradient); the backward of the last kept layer (the
+    gradients flowing through it, the dequantized weight); and that of the last recomputed layer, when the kept
+    layers after it have been freed (its recomputed activations, gradients, dequantized weight).
     """
     c, t = shape.config, batch * seq
     hidden = t * c.hidden_size * shape.residual
     layer = _layer_bytes(shape, batch, seq)
     embed = t * c.hidden_size * shape.mask if c.dropout else 0
     embed += t * c.word_embed_proj_dim * shape.residual  # the final norm's output, kept by the head
-    kept = embed + c.num_hidden_layers * (hidden if checkpointing else layer)
-    head = 3 * t * c.vocab_size * 4  # a 16-bit head's logits and their gradient are freed before this moment
-    backward = 2 * hidden + t * c.ffn_dim * (shape.residual + shape.compute) + (layer if checkpointing else 0)
+    kept = embed + checkpointed * hidden + (c.num_hidden_layers - checkpointed) * layer
+    if shape.fused_loss:
+        head = t * c.word_embed_proj_dim * shape.residual + 8 * min(t, chunk_rows(c.vocab_size)) * c.vocab_size
+    else:  # a 16-bit head's logits and their gradient are freed before this moment
+        head = 3 * t * c.vocab_size * 4
+    backward = 2 * hidden + t * c.ffn_dim * (shape.residual + shape.compute)
+    recomputed = embed + checkpointed * hidden + layer + backward if checkpointed else 0
     dequant = shape.largest_quantized * (shape.state + (shape.compute if shape.state != shape.compute else 0))
-    activations = kept + max(head, backward)
-    return activations, dequant, kept + max(head, backward + dequant)
+    activations = max(kept + max(head, backward), recomputed)
+    peak = max(kept + head, kept + backward + dequant, recomputed + dequant if checkpointed else 0)
+    return activations, dequant, peak
 
 
 # -- the plan ---------------------------------------------------------------------------------------------------
@@ -273,15 +290,22 @@ def plan_finetune(source: OPTConfig | str | os.PathLike, *, machine: Machine | s
                   gpu: str | int | None = None, host: str | int | None = None, bits: int = 4,
                   quant_type: str = "nf4", double_quant: bool = False, r: int = 8,
                   target_modules: list[str] | str = ("q_proj", "v_proj"), lora_dropout: float = 0.0,
-                  optimizer: str = "adamw", batch: int = 4, seq: int = 256, gradient_checkpointing: bool = True,
+                  optimizer: str = "adamw", batch: int = 4, seq: int = 256,
+                  gradient_checkpointing: bool | int | str = True,
                   compute_dtype: torch.dtype | str | None = None, load_dtype: torch.dtype | str = torch.float32,
-                  shard_size: int | str | None = None, half_head: bool = True) -> FinetunePlan:
+                  shard_size: int | str | None = None, half_head: bool = True,
+                  fused_loss: bool = True) -> FinetunePlan:
     """The memory a `qopt.finetune` run needs on `machine` (a preset name, with `gpu` / `host` sizes overriding
     it), computed from a config (folder or size name) alone.
 
     `compute_dtype` defaults to bfloat16, or float16 on a GPU without bfloat16 (colab-t4); `load_dtype` is the
     `torch_dtype` the base is loaded in (qopt finetune's default float32); it sets the dequantization buffers.
-    `half_head`: a quantized base keeps its frozen tied head in the compute dtype, as `qopt.finetune` does.
+    `half_head`: a quantized base keeps its frozen tied head in the compute dtype, as `qopt.finetune` does;
+    `fused_loss`: the loss is taken through the frozen head a chunk of tokens at a time, as it also does.
+    `gradient_checkpointing="auto"` (qopt.finetune's default) recomputes only as many layers as keep the live
+    tensors (weights, adapter, optimizer state, activation peak: what a GPU holds) within those of the standard
+    recipe (PEFT's: every layer recomputed, fp32 head, loss from the full logits): the memory the fast path saves
+    buys back recomputation. A number checkpoints that many layers, from the first.
     """
     config, label = config_for(source)
     box = machine if isinstance(machine, Machine) else machine_preset(machine, gpu, host)
@@ -324,16 +348,35 @@ def plan_finetune(source: OPTConfig | str | os.PathLike, *, machine: Machine | s
     trainable = sum(shapes)
     per_layer = sorted({n.rsplit(".", 1)[-1] for n in layers if ".layers.0." in n})
     shape = _Shape(config, _size(residual), _size(compute), _size(load), 4, 1 if cuda else _size(residual),
-                   per_layer, r, lora_dropout, largest)
+                   per_layer, r, lora_dropout, largest, fused_loss and "lm_head" not in layers)
 
-    def sizes(b: int, s: int, gc: bool) -> Sizes:
-        act, dequant, peak = activation_peak(shape, b, s, gc)
-        kept = act if not gc else activation_peak(shape, b, s, False)[0]
-        runtime = CUDA_CONTEXT_BYTES if cuda else int(CPU_HEAP_WEIGHTS * linear_fp32 + CPU_HEAP_TRAIN[gc] * kept)
+    depth = config.num_hidden_layers
+
+    def sizes(b: int, s: int, checkpointed: int) -> Sizes:
+        act, dequant, peak = activation_peak(shape, b, s, checkpointed)
+        kept = activation_peak(shape, b, s, 0)[0]  # what a step without recomputation keeps: the heap's basis
+        share = (CPU_HEAP_TRAIN[True] * checkpointed + CPU_HEAP_TRAIN[False] * (depth - checkpointed)) / depth
+        runtime = CUDA_CONTEXT_BYTES if cuda else int(CPU_HEAP_WEIGHTS * linear_fp32 + share * kept)
         return Sizes(weights, 4 * trainable, 4 * trainable, optimizer_bytes(shapes, optimizer), act, dequant, peak,
                      runtime)
 
-    chosen = sizes(batch, seq, gradient_checkpointing)
+    if gradient_checkpointing == "auto":
+        standard = plan_finetune(config, machine=box, bits=bits, quant_type=quant_type, double_quant=double_quant,
+                                 r=r, target_modules=target_modules, lora_dropout=lora_dropout, optimizer=optimizer,
+                                 batch=batch, seq=seq, gradient_checkpointing=True, compute_dtype=compute,
+                                 load_dtype=load, shard_size=shard_size, half_head=False, fused_loss=False)
+        live = lambda sized: sized.total - sized.runtime  # noqa: E731  (what the tensors themselves hold)
+        budget = live(standard.sizes)
+        checkpointed = next((k for k in range(depth + 1) if live(sizes(batch, seq, k)) <= budget), depth)
+    elif isinstance(gradient_checkpointing, bool):
+        checkpointed = depth if gradient_checkpointing else 0
+    elif isinstance(gradient_checkpointing, int) and 0 <= gradient_checkpointing <= depth:
+        checkpointed = gradient_checkpointing  # the first N layers
+    else:
+        raise ValueError(f"gradient_checkpointing: expected True, False, 'auto' or a number of layers (0 to "
+                         f"{depth}), got {gradient_checkpointing!r}")
+    gradient_checkpointing = checkpointed > 0
+    chosen = sizes(batch, seq, checkpointed)
     host: dict[str, int] = {"checkpoint shard (memory-mapped)": _largest_shard(source, config,
                                                                               None if shard_size is None
                                                                               else parse_size(shard_size))}
@@ -344,11 +387,14 @@ def plan_finetune(source: OPTConfig | str | os.PathLike, *, machine: Machine | s
         host["model being filled"] = loaded
         host["retained heap (glibc)"] = load_heap
     limit = box.gpu_bytes if cuda else box.host_bytes
-    fits = lambda b, s: sizes(b, s, gradient_checkpointing).total <= limit  # noqa: E731
+    fits = lambda b, s: sizes(b, s, checkpointed).total <= limit  # noqa: E731
     plan = FinetunePlan(label, box, quant.name if quant else f"16-bit ({str(load).removeprefix('torch.')})",
                         compute, optimizer, r, short_target_names(list(layers)), len(layers), trainable, batch, seq,
-                        gradient_checkpointing, chosen, sizes(batch, seq, not gradient_checkpointing).activations,
+                        gradient_checkpointing, checkpointed, chosen,
+                        sizes(batch, seq, 0 if gradient_checkpointing else depth).activations,
                         half_head, host)
+    plan.decoder_layers = depth
+    plan.kept_without_checkpointing = activation_peak(shape, batch, seq, 0)[0]
     plan.largest_batch = largest_fitting(lambda b: fits(b, seq), 1 << 16)
     plan.largest_seq = largest_fitting(lambda s: fits(batch, s), config.max_position_embeddings)
     return plan

@@ -22,7 +22,7 @@ from ..model.tokenizer import tokenizer_for
 from ..place.ranks import check_one_device_per_rank
 from ..quant.config import QuantizationConfig
 from .data import classification_dataset, lm_dataset
-from .fastpath import half_precision_head
+from .fastpath import auto_checkpointing, fast_path
 from .fingerprint import base_fingerprint, data_fingerprint, run_fingerprint
 from .lora import LoraConfig, add_lora
 from .trainer import TrainingArguments, TrainResult, finished_run, train
@@ -67,7 +67,8 @@ def finetune(model_path: str | Path, data: str | Path, args: TrainingArguments, 
              *, task: str = "causal-lm", eval_data: str | Path | None = None, eval_fraction: float = 0.1,
              quantization: str | None = None, torch_dtype: str | torch.dtype | None = None,
              device_map: Any = None, max_memory: dict[Any, Any] | None = None, offload_folder: str | None = None,
-             block_size: int | None = None, max_length: int | None = None, gradient_checkpointing: bool = True,
+             block_size: int | None = None, max_length: int | None = None,
+             gradient_checkpointing: bool | str = "auto",
              adapter_dtype: torch.dtype = torch.float32, half_head: bool = True,
              on_step: Callable[[int, float], None] | None = None) -> TrainResult:
     """Load a checkpoint (quantized for QLoRA), add a LoRA adapter, train it on a text / JSONL file.
@@ -76,12 +77,16 @@ def finetune(model_path: str | Path, data: str | Path, args: TrainingArguments, 
     `block_size` defaults to min(256, the model's context) and `max_length` to the model's context.
     `torch_dtype`, `device_map`, `max_memory` and `offload_folder` place the base model as `qopt.load` does.
     On a quantized base the frozen tied head stays in the 4-bit compute dtype (`half_head`; False: all fp32, as
-    PEFT's recipe leaves it).
+    PEFT's recipe leaves it) and a causal LM's loss is taken through it without the full logits;
+    `gradient_checkpointing="auto"` then recomputes only as many layers as keep the planned live tensors within
+    those of PEFT's recipe with every layer recomputed (True: all layers, False: none).
     Re-run on the same output_dir, it resumes the checkpoint there if data, settings and base are unchanged
     (ResumeError otherwise; `args.resume=False` starts over) and returns a finished run's result untrained.
     """
     if task not in TASKS:
         raise ValueError(f"task {task!r}: expected one of {TASKS}")
+    if gradient_checkpointing not in (True, False, "auto"):
+        raise ValueError(f"gradient_checkpointing: expected True, False or 'auto', got {gradient_checkpointing!r}")
     check_output_folder(args.output_dir, [model_path], adapter=True)  # before any work
     check_one_device_per_rank(device_map)  # under torchrun: one device per rank
     config = OPTConfig.from_pretrained(resolve_model(model_path).folder)  # a Hub id: its config from the cache
@@ -120,11 +125,14 @@ def finetune(model_path: str | Path, data: str | Path, args: TrainingArguments, 
     model = load(model_path, model_class=model_class, torch_dtype=torch_dtype, progress=args.progress,
                  device_map=device_map, max_memory=max_memory, offload_folder=offload_folder, **overrides)
     if quantization:
-        prepare_for_kbit_training(model, gradient_checkpointing)
-        if half_head:  # the frozen tied head in the compute dtype: a faster step (finetuning/fastpath.py)
-            half_precision_head(model)
+        prepare_for_kbit_training(model, bool(gradient_checkpointing))
     elif gradient_checkpointing:
         enable_input_require_grads(model)
         model.gradient_checkpointing_enable()
+    lora = lora or LoraConfig()
     add_lora(model, lora, dtype=adapter_dtype)
+    fast_path(model, half_head=bool(quantization and half_head))  # finetuning/fastpath.py
+    if gradient_checkpointing == "auto" and task == "causal-lm":
+        model.gradient_checkpointing_enable(layers=auto_checkpointing(model, lora, args.batch_size, length,
+                                                                      args.optimizer))
     return train(model, train_set, eval_set, args, on_step, fingerprint)

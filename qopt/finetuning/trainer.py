@@ -103,6 +103,7 @@ class TrainResult:
     is_main_process: bool = True  # under torchrun every process returns a result; one of them reports
     already_done: bool = False  # the output folder held a finished run: nothing was trained
     skipped_steps: int = 0  # fp16: updates the loss scaler skipped for inf / NaN gradients
+    recomputed_layers: str = ""  # gradient checkpointing: "k of n" decoder layers recomputed in backward
 
     def summary(self) -> str:
         last = self.evals[-1] if self.evals else {}
@@ -115,7 +116,9 @@ class TrainResult:
         return (f"{self.steps} steps, final loss {self.losses[-1]:.4f}{', ' + evals if evals else ''}; "
                 f"trainable {self.trainable_parameters:,} of {self.total_parameters:,} parameters "
                 f"({100 * self.trainable_parameters / max(1, self.total_parameters):.2f}%); "
-                f"{self.tokens_per_second:,.0f} tokens/s; peak RSS {format_bytes(self.peak_rss_bytes)}{cuda}")
+                f"{self.tokens_per_second:,.0f} tokens/s"
+                f"{f' ({self.recomputed_layers} layers recomputed)' if self.recomputed_layers else ''}; "
+                f"peak RSS {format_bytes(self.peak_rss_bytes)}{cuda}")
 
 
 # -- model preparation --------------------------------------------------------------------------------------
@@ -174,7 +177,7 @@ def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator, bf1
                 break
             with _autocast(accelerator, bf16):
                 out = model(**batch)
-            if out.logits.dim() == 2:  # classification: one row per example
+            if out.logits is not None and out.logits.dim() == 2:  # classification (a fused LM loss has none)
                 rows = batch["labels"].shape[0]
                 totals += torch.tensor([out.loss.item() * rows, rows,
                                         (out.logits.argmax(-1) == batch["labels"]).sum().item(), rows],
@@ -325,6 +328,13 @@ def finished_run(output: Path, fingerprint: dict[str, Any], args: TrainingArgume
     return replace(result, already_done=True, is_main_process=is_main_process)
 
 
+def _recomputed(model: nn.Module) -> str:
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is None or not getattr(decoder, "gradient_checkpointing", False):
+        return ""
+    return f"{decoder.checkpointed_layers} of {len(decoder.layers)}"
+
+
 def model_fingerprint(model: nn.Module, args: TrainingArguments) -> dict[str, Any]:
     """A run's fingerprint from the model alone (base, adapter, settings): `train` called without a recipe."""
     adapters = adapter_set(model)
@@ -460,7 +470,7 @@ def train(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, args: 
         seconds=seconds, peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         cuda_peak_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         resumed_from=resumed_from, output_dir=str(output), processes=accelerator.num_processes,
-        is_main_process=accelerator.is_main_process,
+        is_main_process=accelerator.is_main_process, recomputed_layers=_recomputed(model),
         already_done=resumed_from is not None and resumed_from >= args.max_steps,
         skipped_steps=state.get("skipped_steps", 0))
     if accelerator.is_main_process:

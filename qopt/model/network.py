@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .cache import KVCache
 from .config import OPTConfig
+from .head_loss import frozen_head_loss
 from .outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast, QuestionAnsweringModelOutput,
                       SequenceClassifierOutputWithPast)
 
@@ -249,8 +250,12 @@ class OPTPreTrainedModel(_PretrainedFacade, nn.Module):
     def num_parameters(self, only_trainable: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
 
-    def gradient_checkpointing_enable(self) -> None:
-        self.get_decoder().gradient_checkpointing = True
+    def gradient_checkpointing_enable(self, layers: int | None = None, **_hf_kwargs: Any) -> None:
+        """Recompute decoder layers in backward instead of keeping their activations: the first `layers` of
+        them (default all), so memory left over can buy back the recomputation of the rest."""
+        decoder = self.get_decoder()
+        decoder.gradient_checkpointing = True
+        decoder.checkpointed_layers = len(decoder.layers) if layers is None else layers
 
     def gradient_checkpointing_disable(self) -> None:
         self.get_decoder().gradient_checkpointing = False
@@ -278,6 +283,7 @@ class OPTDecoder(nn.Module):
             self.final_layer_norm = None
         self.layers = nn.ModuleList(OPTDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.gradient_checkpointing = False
+        self.checkpointed_layers = config.num_hidden_layers  # with checkpointing on: layers 0 .. this - 1
 
     def embed(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, past: int,
               position_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -339,7 +345,7 @@ class OPTDecoder(nn.Module):
             if output_hidden_states:
                 all_hidden.append(hidden_states)
             layer_head_mask = head_mask[idx] if head_mask is not None else None
-            if self.gradient_checkpointing and self.training:
+            if self.gradient_checkpointing and self.training and idx < self.checkpointed_layers:
                 hidden_states, weights = checkpoint(layer, hidden_states, mask, layer_head_mask, None,
                                                     output_attentions, use_reentrant=False)
             else:
@@ -389,6 +395,8 @@ class OPTForCausalLM(_WithDecoder, _GenerationFacade):
         super().__init__(config)
         self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
         self.tie_weights()
+        # with labels and a frozen plain head: the loss chunk by chunk, no logits returned (head_loss.py)
+        self.fused_loss = False
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -403,8 +411,12 @@ class OPTForCausalLM(_WithDecoder, _GenerationFacade):
         hidden = out.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden.to(self.lm_head.weight.device))
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        head = self.lm_head
+        if labels is not None and self.fused_loss and type(head) is nn.Linear and not head.weight.requires_grad:
+            logits, loss = None, frozen_head_loss(hidden.to(head.weight.device), head.weight, labels)
+        else:
+            logits = head(hidden.to(head.weight.device))
+            loss = causal_lm_loss(logits, labels) if labels is not None else None
         result = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
                                         hidden_states=out.hidden_states, attentions=out.attentions)
         return result if return_dict else result.to_tuple()

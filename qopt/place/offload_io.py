@@ -155,7 +155,8 @@ class OffloadStore(Mapping[str, torch.Tensor]):
         if buffer is None or buffer.numel() < sum(sizes):
             buffer = torch.empty(sum(sizes), dtype=torch.uint8)
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-        jobs = [(key, info, buffer[offset:offset + size]) for key, info, offset, size in zip(keys, infos, offsets, sizes)]
+        jobs = [(key, info, buffer[offset:offset + size])
+                for key, info, offset, size in zip(keys, infos, offsets, sizes)]
         if self.read_threads > 1 and len(jobs) > 1 and sum(sizes) >= _PARALLEL_BYTES:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="qopt-read")
