@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -462,8 +463,8 @@ def test_ctrl_c_leaves_the_cache_consistent_and_the_next_run_resumes(hub, tmp_pa
     hub.faults[("org/big", victim)] = Fault(bytes_per_second=8e6)
     sent, interrupted = threading.Event(), threading.Event()
 
-    def hold(repo, name, n):  # the server stalls the shard at 14 MiB until the child is interrupted, so a busy
-        if name == victim and n >= 14 * 2**20:  # machine cannot let the download finish before the signal lands
+    def hold(repo, name, n):  # the server stalls the shard at 14 MiB until the child has been interrupted, so a
+        if name == victim and n >= 14 * 2**20:  # busy machine cannot finish the download before the signal lands
             sent.set()
             interrupted.wait(60)
 
@@ -473,9 +474,10 @@ def test_ctrl_c_leaves_the_cache_consistent_and_the_next_run_resumes(hub, tmp_pa
                              env={**os.environ, "PYTHONPATH": str(Path(qopt.__file__).parent.parent)})
     assert sent.wait(120), "the child never got past 14 MiB of the shard"
     child.send_signal(signal.SIGINT)
+    time.sleep(1.0)  # the child handles the signal while no byte arrives; then the shard flows again, so a
+    interrupted.set()  # download thread that waits for its next block sees the stop and ends
     _, err = child.communicate(timeout=60)
     hub.on_body = None
-    interrupted.set()
     assert child.returncode != 0 and "KeyboardInterrupt" in err
     root = storage(tmp_path, "org/big")
     commit = (root / "refs" / "main").read_text()

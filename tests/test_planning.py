@@ -116,3 +116,24 @@ def test_max_memory_forms():
         normalize_max_memory({"tpu": "1GiB"})
     with pytest.raises(PlanError, match="expected bytes"):
         normalize_max_memory({"cpu": "lots"})
+
+
+def test_streaming_from_host_keeps_the_cpu_layers_in_ram_and_reserves_the_gpu_for_them(capsys):
+    memory = {0: "12GiB", "cpu": "32GiB"}
+    computed = plan("opt-30b", 4, memory)
+    streamed = plan("opt-30b", 4, memory, stream_from_host=True)
+    cpu_layers = [n for n, d in computed.device_map.items() if d == "cpu" and n.startswith("model.decoder.layers.")]
+    host_layers = [n for n, d in streamed.device_map.items() if d == "host"]
+    assert cpu_layers and host_layers and "cpu" not in streamed.device_map.values()
+    # every layer's KV cache lives on the GPU now, with the layers in flight: fewer layers stay resident there
+    assert len(host_layers) > len(cpu_layers)
+    assert streamed.kv_cache_bytes == {"0": streamed.kv_cache_bytes["0"]} and streamed.stream_buffer_bytes > 0
+    assert streamed.used_bytes("0") <= streamed.limits["0"] and streamed.loadable
+    assert streamed.used_bytes("cpu") >= streamed.weight_bytes["host"]  # host weights count in the CPU's RAM
+    assert streamed.verdict == "fits: GPU 0 + layers streamed from host RAM"
+    assert streamed.flags().endswith("--stream-from-host")
+    assert cli.main(["plan", "opt-30b", "--gpu", "12GiB", "--cpu", "32GiB", "--stream-from-host"]) == 0
+    out = capsys.readouterr().out
+    assert "host: layers" in out and "copied to GPU 0 once per generated token" in out
+    with pytest.raises(PlanError, match="stream_from_host runs layers stored in host RAM on a GPU"):
+        plan("opt-30b", 4, {"cpu": "64GiB"}, stream_from_host=True)

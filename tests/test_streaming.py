@@ -12,7 +12,7 @@ from qopt.errors import GenerationError
 from qopt.evaluation.perplexity import evaluate_ids
 from qopt.place import offload_io
 from qopt.place.offload_io import PACKED_SUFFIX, Prefetcher
-from qopt.place.streaming import HiddenStore, LayerStreamer, disk_hooks, has_offloaded_layers
+from qopt.place.streaming import HiddenStore, LayerStreamer, has_offloaded_layers, layer_hooks
 from tests.conftest import make_hf_model
 
 LAYERS = 4
@@ -45,7 +45,7 @@ def offloaded_keys(model):
 def test_layer_major_perplexity_equals_window_major_and_reads_each_offloaded_layer_once(checkpoint, tmp_path,
                                                                                          quantization):
     model = load(checkpoint, tmp_path, quantization)
-    assert has_offloaded_layers(model) and sorted(disk_hooks(model)) == [1, 3]
+    assert has_offloaded_layers(model) and sorted(layer_hooks(model)) == [1, 3]
     store = model._qopt_offloaded
     offloaded = sum(store.nbytes(k) for k in offloaded_keys(model))
     streamed = evaluate_ids(model, IDS, 32, progress=False, micro_batch=3)  # groups of 3, 3 and 1 windows
@@ -298,3 +298,70 @@ def test_a_layer_read_with_several_threads_equals_one_read_after_the_other(check
     assert list(parallel) == keys and all(torch.equal(serial[k], parallel[k]) for k in keys)
     assert all(name.startswith("qopt-read") for name in threads) and store.reads[keys[0]] == 2
     assert store.bytes_read == 2 * sum(store.nbytes(k) for k in keys)
+
+
+# -- layers stored in host RAM, run on the main device ---------------------------------------------------------
+HOST = {**HALF_ON_DISK, "model.decoder.layers.1": "host", "model.decoder.layers.3": "host"}
+MIXED = {**HALF_ON_DISK, "model.decoder.layers.1": "host"}  # layer 1 in host RAM, layer 3 on disk
+
+
+@pytest.mark.parametrize("quantization", [None, "nf4"])
+def test_host_layers_compute_what_the_in_memory_model_computes(checkpoint, tmp_path, quantization):
+    """On this CPU-only machine the main device is the CPU, so this checks the storing, rebuilding and hooks;
+    on a GPU machine the same hooks copy the layers to the GPU (tests/test_gpu.py)."""
+    model = load(checkpoint, tmp_path, quantization, device_map=HOST)
+    in_memory = load(checkpoint, tmp_path, quantization, device_map=None)
+    store = model._qopt_host
+    assert sorted(layer_hooks(model)) == [1, 3] and not hasattr(model, "_qopt_offloaded")
+    assert {k.split(".")[3] for k in store} == {"1", "3"}  # only the host layers' tensors live there
+    assert model.model.decoder.layers[1].fc1.weight.device.type == "meta"  # nothing resident between forwards
+    ids = IDS[:40][None]
+    for _ in range(2):  # a second forward rebuilds from the same stored tensors (nothing consumed or repacked)
+        torch.testing.assert_close(model(ids).logits, in_memory(ids).logits, rtol=0, atol=0)
+    streamed = evaluate_ids(model, IDS, 32, progress=False, micro_batch=3)
+    assert streamed.streaming["mode"] == "layer-major" and streamed.streaming["bytes_read"] == 0
+    assert streamed.streaming["host_bytes_copied"] == sum(t.numel() * t.element_size() for t in store.values())
+    assert streamed.nll == pytest.approx(evaluate_ids(in_memory, IDS, 32, progress=False).nll, rel=1e-6)
+
+
+def test_host_and_disk_layers_together_stream_generate_and_save(checkpoint, tmp_path):
+    model = load(checkpoint, tmp_path, "nf4", device_map=MIXED)
+    in_memory = load(checkpoint, tmp_path, "nf4", device_map=None)
+    assert sorted(layer_hooks(model)) == [1, 3] and set(model._qopt_host) and set(model._qopt_offloaded)
+    streamed = evaluate_ids(model, IDS, 32, progress=False, micro_batch=4)
+    assert streamed.streaming["host_bytes_copied"] > 0 and streamed.streaming["bytes_read"] > 0
+    assert streamed.nll == pytest.approx(evaluate_ids(in_memory, IDS, 32, progress=False).nll, rel=1e-6)
+    prompts = [IDS[:5].tolist(), IDS[5:12].tolist()]
+    many = qopt.generate_many(model, prompts, batch_size=2, max_new_tokens=6, progress=False)
+    alone = [in_memory.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False)[0].tolist() for p in prompts]
+    assert [list(m) for m in many] == alone
+    model.save_pretrained(tmp_path / "saved")  # host and disk layers are read back from where they live
+    again = qopt.load(tmp_path / "saved", progress=False)
+    with torch.no_grad():  # both through the CPU kernel's packed layout
+        torch.testing.assert_close(again(IDS[:40][None]).logits, in_memory(IDS[:40][None]).logits, rtol=0, atol=0)
+
+
+def test_an_eval_model_called_with_grad_enabled_after_a_no_grad_forward_still_runs(checkpoint, tmp_path):
+    """bitsandbytes adds a 4-bit layer's bias in place to its packed CPU kernel's output, which autograd refuses
+    once the input requires grad (here: the embeddings do); qopt adds it out of place, to the same values."""
+    model = load(checkpoint, tmp_path, "nf4", device_map=None)
+    ids = IDS[:20][None]
+    with torch.no_grad():
+        expected = model(ids).logits  # the first eval forward repacks the 4-bit weights for the CPU kernel
+    assert model.get_input_embeddings().weight.requires_grad
+    torch.testing.assert_close(model(ids).logits.detach(), expected, rtol=0, atol=0)
+
+
+def test_stream_from_host_needs_a_gpu_in_the_map_and_only_decoder_layers_go_to_host(checkpoint, tmp_path):
+    from qopt.errors import PlanError
+
+    with pytest.raises(PlanError, match="stream_from_host runs layers stored in host RAM on a GPU"):
+        qopt.load(checkpoint, device_map=HALF_ON_DISK, offload_folder=tmp_path / "o", stream_from_host=True,
+                  progress=False)
+    from qopt.place.device_map import host_placement
+
+    planned = host_placement({"model.decoder.embed_tokens": 0, "lm_head": 0, "model.decoder.layers.0": 0,
+                              "model.decoder.layers.1": "cpu", "model.decoder.final_layer_norm": "cpu"})
+    assert planned["model.decoder.layers.1"] == "host" and planned["model.decoder.final_layer_norm"] == "cpu"
+    with pytest.raises(PlanError, match=r"lm_head to host RAM \("):
+        qopt.load(checkpoint, device_map={**HOST, "lm_head": "host"}, progress=False)

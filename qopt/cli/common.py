@@ -69,7 +69,8 @@ def preset(args: argparse.Namespace) -> str | None:
 
 
 # -- placement ------------------------------------------------------------------------------------------------
-def add_placement(parser: argparse.ArgumentParser, dtype: bool = True, dtype_default: str = "auto") -> None:
+def add_placement(parser: argparse.ArgumentParser, dtype: bool = True, dtype_default: str = "auto",
+                  stream: bool = True) -> None:
     g = parser.add_argument_group("placement (as in transformers' from_pretrained)")
     g.add_argument("--device-map", metavar="MAP",
                    help=f"{' | '.join(DEVICE_MAPS)}; default: auto on a machine with a GPU (GPU first, then CPU, "
@@ -78,6 +79,10 @@ def add_placement(parser: argparse.ArgumentParser, dtype: bool = True, dtype_def
                    help="memory each device may hold for an auto / balanced / sequential map, e.g. 0=20GiB "
                         "cpu=30GiB (default: what each device has free)")
     g.add_argument("--offload-folder", metavar="DIR", help="folder for the decoder layers that fit nowhere else")
+    if stream:
+        g.add_argument("--stream-from-host", action="store_true",
+                       help="decoder layers the map puts on the CPU stay in its RAM but run on the GPU, copied over "
+                            "layer by layer (an auto map on a machine with a GPU)")
     if not dtype:  # the command picks the dtype itself (eval: each precision's)
         parser.set_defaults(dtype="auto")
         return
@@ -129,8 +134,11 @@ def placement(args: argparse.Namespace) -> dict[str, Any]:
                          "no memory limits")
     if args.dtype not in DTYPE_NAMES:
         raise ValueError(f"--dtype {args.dtype!r}: expected one of {', '.join(DTYPE_NAMES)}")
-    return {"device_map": device_map, "max_memory": memory, "offload_folder": args.offload_folder,
-            "torch_dtype": args.dtype}
+    where = {"device_map": device_map, "max_memory": memory, "offload_folder": args.offload_folder,
+             "torch_dtype": args.dtype}
+    if getattr(args, "stream_from_host", False):
+        where["stream_from_host"] = True
+    return where
 
 
 # -- models from the Hub --------------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     for flag, path in (("--json", args.json), ("--plot", args.plot), ("--write-baseline", args.write_baseline)):
         writable_file(path, flag)  # before minutes of evaluation, not after
     where = placement(args)
-    options = {"placement": {k: where[k] for k in ("device_map", "max_memory", "offload_folder")},
+    options = {"placement": {k: v for k, v in where.items() if k != "torch_dtype"},
                "adapter": args.adapter}
     overrides = _tolerance_overrides(args)
     if args.check:

@@ -23,7 +23,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-data", metavar="FILE", help="evaluation file (default: hold out --eval-fraction of --data)")
     p.add_argument("--eval-fraction", type=float, default=0.1, help="share of --data held out for evaluation")
     add_precision(p, (4, 8), "QLoRA: train on a 4-bit (--quant-type) or LLM.int8 base (default: unquantized)")
-    add_placement(p, dtype_default="float32")
+    add_placement(p, dtype_default="float32", stream=False)
     g = p.add_argument_group("LoRA")
     g.add_argument("--r", type=int, default=8, help="rank of the adapter matrices")
     g.add_argument("--alpha", type=float, default=16, help="scale: the update is multiplied by alpha / r")

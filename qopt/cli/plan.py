@@ -27,6 +27,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--read-bandwidth", metavar="RATE",
                    help="disk read rate for the time estimates of offloaded layers, e.g. 2GB/s (default: measured "
                         "in --offload-folder when the plan needs disk)")
+    p.add_argument("--stream-from-host", action="store_true", help="decoder layers planned for the CPU stay in "
+                   "its RAM but run on the GPU, copied over layer by layer (qopt.load(stream_from_host=True))")
     p.add_argument("--offload-folder", metavar="DIR", help="where offloaded layers would live (default: the temp "
                                                            "folder); the read rate is measured there")
     f = p.add_argument_group("fine-tuning (--finetune)")
@@ -79,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     elif memory:  # GPUs given without --cpu: this machine's free RAM, as a load here would have
         memory["cpu"] = normalize_max_memory(None).get("cpu", 0)
     result = plan(args.model, args.bits, memory or None, args.context, args.batch or 1, quant_type=args.quant_type,
-                  double_quant=args.double_quant, strategy=args.strategy)
+                  double_quant=args.double_quant, strategy=args.strategy, stream_from_host=args.stream_from_host)
     if not isinstance(args.model, str):
         from ..place.download_plan import download_plan
 

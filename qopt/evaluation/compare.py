@@ -93,7 +93,8 @@ def compare_precisions(model_path: str | os.PathLike, precisions: Sequence[str] 
 
     With `reference`, every quantized precision is judged against bf16 (added if missing) and bf16 / fp16
     against fp32 when fp32 is in the list; a reference model stays loaded only while something still needs it.
-    `placement` (device_map, max_memory, offload_folder) and `adapter` apply to every precision alike.
+    `placement` (device_map, max_memory, offload_folder, stream_from_host) and `adapter` apply to every precision
+    alike.
     `on_model(precision, model)` is called with each model after its measurement (the gate hashes its state).
     """
     requested_model, model_path = str(model_path), checkpoint_folder(model_path, progress=progress)  # Hub id: once

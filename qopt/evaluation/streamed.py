@@ -111,7 +111,8 @@ def evaluate_streamed(model: Any, ids: torch.Tensor, windows: Sequence[Window], 
                         bar.set_postfix(ppl=f"{math.exp(totals.nll / totals.count):.3f}", refresh=False)
         info = {"mode": "layer-major", "micro_batch": micro_batch, "prefetch": streamer.depth,
                 "offloaded_bytes": streamer.offloaded_bytes,
-                "bytes_read": getattr(store, "bytes_read", 0) - read_before, **hidden.describe()}
+                "bytes_read": getattr(store, "bytes_read", 0) - read_before,
+                "host_bytes_copied": streamer.stats.host_bytes, **hidden.describe()}
     finally:
         hidden.close()
         if ref_hidden is not None:

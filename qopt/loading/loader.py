@@ -27,8 +27,9 @@ from ..io.hub import cached_folder, resolve_model
 from ..io.outputs import check_output_folder
 from ..model.config import OPTConfig
 from ..model.network import LAYER_PREFIX, OPTForCausalLM, OPTModel, OPTPreTrainedModel, decoder_layer_index
-from ..place.device_map import device_of, infer_device_map, summarize
-from ..place.offload import OffloadFolder, attach_disk_hooks, check_offloadable
+from ..place.device_map import device_of, host_placement, infer_device_map, summarize
+from ..place.offload import OFFLOAD_KINDS, HostStore, OffloadFolder, attach_disk_hooks, attach_host_hooks, \
+    check_offloadable
 from ..place.plan import DeviceMap
 from ..place.ranks import check_one_device_per_rank
 from ..place.sizes import format_bytes, meta_model, placed_bytes
@@ -97,7 +98,8 @@ def resolve_quantization(requested: Any, config: OPTConfig, source: str) -> tupl
 def load(path: str | os.PathLike, *, quantization: Any = None, quantization_config: Any = None,
          torch_dtype: str | torch.dtype | None = "auto", dtype: str | torch.dtype | None = None,
          device_map: Any = None, max_memory: dict[Any, Any] | None = None,
-         offload_folder: str | os.PathLike | None = None, model_class: type[OPTPreTrainedModel] = OPTForCausalLM,
+         offload_folder: str | os.PathLike | None = None, stream_from_host: bool = False,
+         model_class: type[OPTPreTrainedModel] = OPTForCausalLM,
          progress: bool = True, revision: str | None = None, token: str | bool | None = None,
          cache_dir: str | os.PathLike | None = None, local_files_only: bool = False, keep_download: bool = True,
          **config_overrides: Any) -> OPTPreTrainedModel:
@@ -110,6 +112,8 @@ def load(path: str | os.PathLike, *, quantization: Any = None, quantization_conf
     `device_map`: None (all on CPU), a device, a dict, or "auto" | "balanced" | "balanced_low_0" | "sequential"
     (planned with `max_memory`, e.g. {0: "20GiB", "cpu": "30GiB"}); layers that fit nowhere go to
     `offload_folder` and are read back at each forward. `model.hf_device_map` says where everything went.
+    `stream_from_host`: decoder layers the map puts on the CPU stay there, quantized, but run on the GPU (copied
+    over for each forward, once per pass layer-major; map value "host"), instead of being computed by the CPU.
 
     `path` is a checkpoint folder or a Hub id (`facebook/opt-125m`; `revision`, `token`, `cache_dir`,
     `local_files_only` as in transformers): shards download one after another while the previous one is
@@ -130,10 +134,13 @@ def load(path: str | os.PathLike, *, quantization: Any = None, quantization_conf
     model = meta_model(config, quant, model_class)
     check_one_device_per_rank(device_map)
     placement = infer_device_map(model, dtype, device_map, max_memory)
+    if stream_from_host:
+        placement = host_placement(placement, str(path))
     check_devices_exist(placement, str(path))
     check_offloadable(placement)
     offload = _offload_target(model, dtype, placement, offload_folder, path)
-    shard_loader = _ShardLoader(model, files, quant, pre_quantized, dtype, placement, offload, path)
+    host = HostStore() if "host" in placement.values() else None
+    shard_loader = _ShardLoader(model, files, quant, pre_quantized, dtype, placement, offload, path, host)
     try:
         with source.stream(files) as shards, \
                 tqdm(total=shards.total_bytes, unit="B", unit_scale=True, desc="Loading", disable=not progress) as bar:
@@ -147,7 +154,7 @@ def load(path: str | os.PathLike, *, quantization: Any = None, quantization_conf
         if offload is not None:
             offload.remove()
         raise
-    dispatch(model, placement, offload)
+    dispatch(model, placement, offload, host)
     model.hf_device_map = placement
     model.name_or_path = source.name  # lets adapters check which base they were trained on (a Hub id stays one)
     if quant is not None:
@@ -197,9 +204,10 @@ class _ShardLoader:
 
     def __init__(self, model: OPTPreTrainedModel, files: CheckpointFiles, quant: QuantizationConfig | None,
                  pre_quantized: bool, dtype: torch.dtype, placement: DeviceMap, offload: OffloadFolder | None,
-                 path: Path) -> None:
+                 path: Path, host: HostStore | None = None) -> None:
         self.model, self.files, self.quant, self.pre_quantized = model, files, quant, pre_quantized
         self.dtype, self.placement, self.offload, self.path = dtype, placement, offload, path
+        self.stores: dict[str, Any] = {"disk": offload, "host": host}  # where offloaded tensors are put
         self.has_prefix = not isinstance(model, OPTModel)
         self.quantized = {name: m for name, m in model.named_modules() if is_quantized(m)}
         self.plain = {name: p for name, p in model.named_parameters()
@@ -253,8 +261,8 @@ class _ShardLoader:
 
     def _place(self, name: str, value: torch.Tensor) -> None:
         device = device_of(name, self.placement)
-        if device == "disk":
-            self.offload.put(name, value)
+        if device in OFFLOAD_KINDS:
+            self.stores[device].put(name, value)
         else:
             set_module_tensor_to_device(self.model, name, device, value=value, dtype=value.dtype)
 
@@ -264,7 +272,7 @@ class _ShardLoader:
             hint = "" if self.pre_quantized else " (a quantized tensor, but config.json has no quantization_config)"
             raise CheckpointError(f"{where} is not expected for quantized layer '{owner}'{hint}")
         device = device_of(owner, self.placement)
-        target = "cpu" if device == "disk" else device
+        target = "cpu" if device in OFFLOAD_KINDS else device
         if self.pre_quantized:
             values = {key: tensor.to(target, copy=True)}
         elif key == "weight":
@@ -281,9 +289,9 @@ class _ShardLoader:
             self._finish_module(owner, self.pending.pop(owner), device)
 
     def _finish_module(self, owner: str, state: dict[str, torch.Tensor], device: int | str) -> None:
-        if device == "disk":
+        if device in OFFLOAD_KINDS:
             for key, value in state.items():
-                self.offload.put(f"{owner}.{key}", value)
+                self.stores[device].put(f"{owner}.{key}", value)
         else:
             set_quantized_state(self.quantized[owner], state, _torch_device(device), source=f"{self.path}: {owner}")
 
@@ -322,15 +330,19 @@ def _finish_missing(model: OPTPreTrainedModel, expected: dict[str, torch.nn.Para
         place(name, value.to(dtype))
 
 
-def dispatch(model: OPTPreTrainedModel, placement: DeviceMap, offload: OffloadFolder | None) -> None:
-    """Hooks for a model spread over devices: inputs follow each module's device; disk layers are rebuilt."""
-    devices = {d for d in placement.values() if d != "disk"}
+def dispatch(model: OPTPreTrainedModel, placement: DeviceMap, offload: OffloadFolder | None,
+             host: HostStore | None = None) -> None:
+    """Hooks for a model spread over devices: inputs follow each module's device; disk and host layers are
+    rebuilt on the main device (the first GPU, else the CPU) for each forward."""
+    devices = {d for d in placement.values() if d not in OFFLOAD_KINDS}
     main = min((d for d in devices if isinstance(d, int)), default="cpu")
     if offload is not None:
         attach_disk_hooks(model, placement, offload.loader(), _torch_device(main))
-    if len(devices | ({main} if offload else set())) > 1:
+    if host is not None:
+        attach_host_hooks(model, placement, host, _torch_device(main))
+    if len(devices | ({main} if offload or host else set())) > 1:
         for name, device in placement.items():
-            if device != "disk":
+            if device not in OFFLOAD_KINDS:
                 add_hook_to_module(model.get_submodule(name), AlignDevicesHook(_torch_device(device)))
 
 

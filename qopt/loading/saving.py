@@ -12,20 +12,20 @@ import torch
 from ..errors import CheckpointError
 from ..io.atomic import publish_folder, staging_folder
 from ..io.checkpoint import write_safetensors_shards
-from ..place.offload import iter_offloaded_modules, offloaded_tensors
+from ..place.offload import offload_hooks
 
 
 def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The state dict as HF writes it: tied lm_head left out, quantized modules in the standard bitsandbytes
     layout (the same bytes before and after a CPU repack, see `qopt.quantization.Linear4bit`), layers offloaded
-    to disk read back from their offload folder, plain tensors (no Params4bit / Int8Params subclasses)."""
-    offloaded = offloaded_tensors(model)
-    prefixes = tuple(name + "." for name in iter_offloaded_modules(model))
+    to disk (or stored in host RAM) read back from where they live, plain tensors (no Params4bit / Int8Params)."""
+    hooks = {name + ".": hook for name, hook in offload_hooks(model).items()}
+    prefixes = tuple(hooks)
     state: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
         if prefixes and name.startswith(prefixes):
-            prefix = next(p for p in prefixes if name.startswith(p))
-            state.update({k: offloaded[k] for k in offloaded if k.startswith(prefix) and k not in state})
+            hook = hooks[next(p for p in prefixes if name.startswith(p))]
+            state.update({k: hook.weights[k] for k in hook.keys if k not in state})
             continue
         if tensor.device.type == "meta":
             raise CheckpointError(f"cannot save: tensor '{name}' was never loaded (it is on the meta device)")

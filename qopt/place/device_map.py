@@ -71,6 +71,16 @@ def infer_device_map(model: nn.Module, dtype: torch.dtype, device_map: Any = "au
     return _expand_lists(model, _tie_devices(view, placed))
 
 
+def host_placement(device_map: DeviceMap, source: str = "device map") -> DeviceMap:
+    """The decoder layers a map computes on the CPU, stored there and run on the first GPU instead ("host")."""
+    if not any(isinstance(device, int) for device in device_map.values()):
+        raise PlanError(f"{source}: stream_from_host runs layers stored in host RAM on a GPU, but the device map "
+                        f"places nothing on one ({'; '.join(summarize(device_map))}); use device_map='auto' on a "
+                        f"machine with a GPU, or leave stream_from_host off")
+    return {name: "host" if device == "cpu" and is_decoder_layer(name) else device
+            for name, device in device_map.items()}
+
+
 def _expand_lists(model: nn.Module, device_map: DeviceMap) -> DeviceMap:
     """A ModuleList is never called itself, so its entry becomes one per element (hooks fire per layer)."""
     expanded: DeviceMap = {}

@@ -1,4 +1,4 @@
-"""Disk offload of decoder layers, quantized ones included.
+"""Offloaded decoder layers, quantized ones included: on disk, or stored in host RAM and run on the GPU.
 
 accelerate's own disk offload writes a bitsandbytes layer's tensors correctly but cannot put them back (it
 rebuilds `Params4bit` around a meta quant state; `Linear8bitLt` assumes a GPU). Here the offload folder holds
@@ -7,6 +7,11 @@ tensor plus `index.json`, read back by `offload_io.OffloadStore` with counted po
 `RebuildOnForward`, an accelerate `ModelHook`, rebuilds the layer from them before its forward (quantized
 weights through `set_quantized_state`, no re-quantization) and frees it after. A layer-major runner
 (`qopt.place.streaming`) instead holds a layer resident while every micro-batch passes through it.
+
+A layer placed "host" is the GPU user's middle ground (FlexGen's and accelerate's CPU offload): its tensors,
+quantized, stay in host RAM (`HostStore`, pinned when a GPU is present so the copy can run asynchronously) and
+the same hook copies them to the main device for its forward, so a GPU computes what a CPU would otherwise
+compute; the layer-major runner copies each such layer once per pass.
 """
 from __future__ import annotations
 
@@ -151,23 +156,60 @@ def _release(module: nn.Module) -> None:
         module.state.CB = module.state.SCB = None
 
 
+class HostStore(dict):
+    """Tensors of the layers placed "host", in host RAM: pinned when a GPU is present (asynchronous copies)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pin = torch.cuda.is_available()
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach().to("cpu").contiguous()
+        self[name] = tensor.pin_memory() if self.pin else tensor
+
+    def nbytes(self, key: str) -> int:
+        return self[key].numel() * self[key].element_size()
+
+
+OFFLOAD_KINDS = ("disk", "host")  # device-map values of layers rebuilt on the main device for each forward
+
+
 def attach_disk_hooks(model: nn.Module, device_map: Mapping[str, Any], weights: OffloadStore,
                       execution_device: torch.device | str) -> None:
     """A `RebuildOnForward` on every module the map sends to disk."""
-    check_offloadable(device_map)
-    for name, device in device_map.items():
-        if device == "disk":
-            add_hook_to_module(model.get_submodule(name), RebuildOnForward(name + ".", weights, execution_device))
+    _attach(model, device_map, "disk", weights, execution_device)
     model._qopt_offloaded = weights
     weakref.finalize(model, shutil.rmtree, weights.save_folder, True)  # the folder lives as long as the model
 
 
-def check_offloadable(device_map: Mapping[str, Any]) -> None:
-    """Only decoder layers may live on disk: embeddings, head and final norm are shared or tied."""
+def attach_host_hooks(model: nn.Module, device_map: Mapping[str, Any], weights: HostStore,
+                      execution_device: torch.device | str) -> None:
+    """A `RebuildOnForward` on every module the map stores in host RAM, run on `execution_device`."""
+    _attach(model, device_map, "host", weights, execution_device)
+    model._qopt_host = weights
+
+
+def _attach(model: nn.Module, device_map: Mapping[str, Any], kind: str, weights: Mapping[str, torch.Tensor],
+            execution_device: torch.device | str) -> None:
+    check_offloadable(device_map)
     for name, device in device_map.items():
-        if device == "disk" and not (is_decoder_layer(name) or name.endswith("decoder.layers")):
-            raise PlanError(f"device map sends {name or 'the whole model'} to disk; only decoder layers can be "
-                            f"offloaded to disk (give the CPU room for the embeddings, head and final norm)")
+        if device == kind:
+            add_hook_to_module(model.get_submodule(name), RebuildOnForward(name + ".", weights, execution_device))
+
+
+def check_offloadable(device_map: Mapping[str, Any]) -> None:
+    """Only decoder layers may be offloaded (disk or host): embeddings, head and final norm are shared or tied."""
+    for name, device in device_map.items():
+        if device in OFFLOAD_KINDS and not (is_decoder_layer(name) or name.endswith("decoder.layers")):
+            where = "to disk" if device == "disk" else "to host RAM (\"host\")"
+            raise PlanError(f"device map sends {name or 'the whole model'} {where}; only decoder layers can be "
+                            f"offloaded (give the CPU or GPU room for the embeddings, head and final norm)")
+
+
+def offload_hooks(model: nn.Module) -> dict[str, RebuildOnForward]:
+    """Module name -> the hook that rebuilds it (disk and host layers)."""
+    return {name: module._hf_hook for name, module in model.named_modules()
+            if isinstance(getattr(module, "_hf_hook", None), RebuildOnForward)}
 
 
 def offloaded_tensors(model: nn.Module) -> Mapping[str, torch.Tensor]:
@@ -176,8 +218,5 @@ def offloaded_tensors(model: nn.Module) -> Mapping[str, torch.Tensor]:
 
 
 def iter_offloaded_modules(model: nn.Module) -> Iterator[str]:
-    """Names of the modules whose tensors live in the offload folder."""
-    for name, module in model.named_modules():
-        hook = getattr(module, "_hf_hook", None)
-        if isinstance(hook, RebuildOnForward):
-            yield name
+    """Names of the modules whose tensors live in the offload folder or in host RAM."""
+    yield from offload_hooks(model)

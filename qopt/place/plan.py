@@ -18,12 +18,15 @@ from ..bundled import data_dir
 from ..errors import ConfigError
 from ..io.hub import ModelSource, is_hub_id, resolve_model
 from ..model.config import OPTConfig
-from ..model.network import decoder_layer_index, is_decoder_layer
+from ..model.network import LAYER_PREFIX, decoder_layer_index, is_decoder_layer
 from ..quant.config import QuantizationConfig
 from ..quant.modules import is_quantized
 from ..utils import format_bytes
-from .device_map import format_ranges, infer_device_map, normalize_max_memory, summarize
+from .device_map import format_ranges, host_placement, infer_device_map, normalize_max_memory, summarize
 from .sizes import DeviceMap, activation_bytes, kv_cache_bytes_per_layer, meta_model, sizing_view
+from .streaming import DEFAULT_PREFETCH_DEPTH
+
+HOST_TO_GPU_BYTES_PER_S = 20e9  # pinned host -> GPU copies over PCIe 4.0 x16 (about 25 GB/s peak): an assumption
 
 
 # -- configs by name ------------------------------------------------------------------------------------------
@@ -58,7 +61,8 @@ def config_for(source: OPTConfig | ModelSource | str | os.PathLike) -> tuple[OPT
 class MemoryPlan:
     """Where an OPT model's weights, KV cache and activations go, computed before any weight is read.
 
-    Byte counts are per device name ("0", "cpu", "disk"); `limits` are the `max_memory` the plan was made for.
+    Byte counts are per device name ("0", "cpu", "disk", "host": stored in CPU RAM, run on the main GPU);
+    `limits` are the `max_memory` the plan was made for.
     """
 
     label: str
@@ -75,15 +79,23 @@ class MemoryPlan:
     strategy: str = "auto"
     read_bandwidth: float | None = None  # bytes/s of the disk under the offload folder, for time estimates
     bandwidth_source: str = ""  # how it was obtained ("measured in /tmp", "given")
+    stream_buffer_bytes: int = 0  # on the main GPU: host layers brought in at once (the one computing + prefetch)
 
     @property
     def main_device(self) -> str:
         return next(iter(self.limits))
 
     def used_bytes(self, device: str) -> int:
+        """What `device` holds: its weights, KV cache and activations; the CPU also stores the host layers'
+        weights, the main GPU the buffers they are brought into."""
+        if device == "host":
+            return self.weight_bytes.get("host", 0)
         runs = device != "disk" and (device in self.kv_cache_bytes or device in self.weight_bytes)
-        return self.weight_bytes.get(device, 0) + self.kv_cache_bytes.get(device, 0) + \
+        used = self.weight_bytes.get(device, 0) + self.kv_cache_bytes.get(device, 0) + \
             (self.activation_bytes if runs else 0)
+        if device == "cpu":
+            used += self.weight_bytes.get("host", 0)
+        return used + (self.stream_buffer_bytes if device == self.main_device else 0)
 
     @property
     def fits(self) -> bool:
@@ -113,13 +125,14 @@ class MemoryPlan:
         used = sorted({str(d) for d in self.device_map.values()}, key=lambda d: (not d.isdigit(), d))
         gpus = [int(d) for d in used if d.isdigit()]
         parts = ([f"GPU {gpus[0]}" if len(gpus) == 1 else f"GPUs {format_ranges(gpus)}"] if gpus else []) + \
-            ["CPU" for d in used if d == "cpu"]
+            ["CPU" for d in used if d == "cpu"] + ["layers streamed from host RAM" for d in used if d == "host"]
         return "fits: " + " + ".join(parts)
 
     def flags(self) -> str:
         """The `qopt` placement flags that load the model this way (the same limits, the same strategy)."""
         memory = " ".join(f"{dev}={format_bytes(limit).replace(' ', '')}" for dev, limit in self.limits.items())
         disk = " --offload-folder DIR" if "disk" in map(str, self.device_map.values()) else ""
+        disk += " --stream-from-host" if "host" in map(str, self.device_map.values()) else ""
         if set(map(str, self.device_map.values())) == {"cpu"} and not disk:
             return "--device-map cpu"
         return f"--device-map {self.strategy} --max-memory {memory}{disk}"
@@ -134,15 +147,15 @@ class MemoryPlan:
                  f"activations {format_bytes(self.activation_bytes)} per device (estimate)",
                  f"{'device':8s} {'limit':>12s} {'weights':>12s} {'KV cache':>12s} {'activations':>12s} "
                  f"{'total':>12s}"]
-        for dev in [*self.limits, "disk"]:
+        for dev in [*self.limits, "host", "disk"]:
             if dev in self.weight_bytes or dev in self.kv_cache_bytes:
-                act = self.activation_bytes if dev != "disk" else 0
-                limit = format_bytes(self.limits[dev]) if dev in self.limits else "-"
+                act = self.activation_bytes if dev not in ("disk", "host") else 0
+                limit = format_bytes(self.limits[dev]) if dev in self.limits else "(cpu)" if dev == "host" else "-"
                 lines.append(f"{dev:8s} {limit:>12s} {format_bytes(self.weight_bytes.get(dev, 0)):>12s} "
                              f"{format_bytes(self.kv_cache_bytes.get(dev, 0)):>12s} {format_bytes(act):>12s} "
                              f"{format_bytes(self.used_bytes(dev)):>12s}")
         lines.append("device map: " + "; ".join(summarize(self.device_map)))
-        lines += self.disk_read_lines()
+        lines += self.disk_read_lines() + self.host_copy_lines()
         over = [dev for dev, limit in self.limits.items() if self.used_bytes(dev) > limit]
         if over:
             lines.append(f"over the limit: {', '.join(over)} (with the KV cache and activations of the layers "
@@ -152,6 +165,17 @@ class MemoryPlan:
             lines.append(f"load with: {self.flags()}")
         return "\n".join(lines)
 
+
+    def host_copy_lines(self) -> list[str]:
+        """What the host layers cost in copies to the GPU: each once per decode step and per layer-major pass."""
+        host = self.weight_bytes.get("host", 0)
+        if not host:
+            return []
+        return [f"host layers: {format_bytes(host)} in CPU RAM (counted in cpu's total), copied to GPU "
+                f"{self.main_device} once per generated token (shared by every prompt of a throughput step) and once "
+                f"per layer-streamed evaluation pass; {format_bytes(self.stream_buffer_bytes)} of GPU memory for "
+                f"the layers in flight: {host / HOST_TO_GPU_BYTES_PER_S:.2f} s per pass at "
+                f"{format_bytes(HOST_TO_GPU_BYTES_PER_S)}/s (pinned PCIe 4.0 x16, typical)"]
 
     def disk_read_lines(self) -> list[str]:
         """What the offloaded layers cost in reads: every decode step and every layer-streamed evaluation pass
@@ -172,8 +196,9 @@ class MemoryPlan:
 
 def plan(source: OPTConfig | str | os.PathLike, bits: int = 4, max_memory: dict[Any, Any] | None = None,
          context: int = 2048, batch: int = 1, *, quant_type: str = "nf4", double_quant: bool = False,
-         dtype: torch.dtype = torch.bfloat16, strategy: str = "auto") -> MemoryPlan:
-    """The memory plan for a model (config, folder or size name) at a bit width, before any weight is read."""
+         dtype: torch.dtype = torch.bfloat16, strategy: str = "auto", stream_from_host: bool = False) -> MemoryPlan:
+    """The memory plan for a model (config, folder or size name) at a bit width, before any weight is read.
+    `stream_from_host`: the decoder layers planned for the CPU stay in its RAM but run on the GPU ("host")."""
     config, label = config_for(source)
     if context > config.max_position_embeddings:
         raise ValueError(f"context {context} exceeds {label}'s max_position_embeddings "
@@ -189,19 +214,30 @@ def plan(source: OPTConfig | str | os.PathLike, bits: int = 4, max_memory: dict[
     kv_layer = kv_cache_bytes_per_layer(config, context, batch, dtype)
     act = activation_bytes(config, context, batch, dtype)
     memory = normalize_max_memory(max_memory)
-    device_map = infer_device_map(model, dtype, strategy, memory, kv_layer, act)
+    sizes = compute_module_sizes(sizing_view(model, dtype), dtype=dtype)
+    if stream_from_host and any(isinstance(k, int) for k in memory):
+        # every layer's KV cache and the layers in flight live on the main GPU: reserved before placing weights
+        main_gpu = next(k for k in memory if isinstance(k, int))
+        reserve = (1 + DEFAULT_PREFETCH_DEPTH) * sizes[f"{LAYER_PREFIX}0"] + config.num_hidden_layers * kv_layer
+        placing = {**memory, main_gpu: max(0, memory[main_gpu] - reserve)}
+        device_map = host_placement(infer_device_map(model, dtype, strategy, placing, 0, act), label)
+    else:
+        device_map = infer_device_map(model, dtype, strategy, memory, kv_layer, act)
+        if stream_from_host:
+            device_map = host_placement(device_map, label)  # no GPU: the one-line error
     result = MemoryPlan(label, quant.name if quant else "16-bit", dtype, context, batch, device_map,
                         {str(k): v for k, v in memory.items()}, activation_bytes=act,
                         parameters=_parameter_count(model), strategy=strategy)
-    sizes = compute_module_sizes(sizing_view(model, dtype), dtype=dtype)
     main = str(next(iter(memory)))
     for name, device in device_map.items():
         dev = str(device)
         result.weight_bytes[dev] = result.weight_bytes.get(dev, 0) + sizes[name]
         layers = sum(1 for n in sizes if is_decoder_layer(n) and (n == name or n.startswith(name + ".") or not name))
-        kv_dev = main if dev == "disk" else dev
+        kv_dev = main if dev in ("disk", "host") else dev
         if layers:
             result.kv_cache_bytes[kv_dev] = result.kv_cache_bytes.get(kv_dev, 0) + layers * kv_layer
+    host_layers = [sizes[name] for name, device in device_map.items() if device == "host"]
+    result.stream_buffer_bytes = (1 + DEFAULT_PREFETCH_DEPTH) * max(host_layers, default=0)
     return result
 
 

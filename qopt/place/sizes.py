@@ -21,7 +21,7 @@ from ..quant.formats import quantized_weight_bytes
 from ..quant.modules import bits_of, is_quantized, swap_linears_on_meta
 
 NO_SPLIT = [OPTDecoderLayer.__name__]  # accelerate never splits a decoder layer across devices
-DeviceMap = dict[str, "int | str"]  # module name -> GPU index, "cpu" or "disk"
+DeviceMap = dict[str, "int | str"]  # module name -> GPU index, "cpu", "disk" or "host" (stored in RAM, run on the GPU)
 
 
 # -- sizes ----------------------------------------------------------------------------------------------------

@@ -38,8 +38,8 @@ def decoder_of(model: nn.Module) -> nn.Module:
     return model.get_decoder()
 
 
-def disk_hooks(model: nn.Module) -> dict[int, RebuildOnForward]:
-    """Decoder layer index -> the hook that rebuilds it from disk, for the layers a load placed there."""
+def layer_hooks(model: nn.Module) -> dict[int, RebuildOnForward]:
+    """Decoder layer index -> the hook that rebuilds it, for the layers a load placed on disk or in host RAM."""
     hooks = {}
     for index, layer in enumerate(decoder_of(model).layers):
         hook = getattr(layer, "_hf_hook", None)
@@ -49,9 +49,8 @@ def disk_hooks(model: nn.Module) -> dict[int, RebuildOnForward]:
 
 
 def has_offloaded_layers(model: Any) -> bool:
-    """True for a qopt model with at least one decoder layer on disk (anything else: False)."""
-    return callable(getattr(model, "get_decoder", None)) and bool(offloaded_tensors(model)) \
-        and bool(disk_hooks(model))
+    """True for a qopt model with at least one decoder layer on disk or in host RAM (anything else: False)."""
+    return callable(getattr(model, "get_decoder", None)) and bool(layer_hooks(model))
 
 
 class HiddenStore(MutableSequence):
@@ -141,6 +140,7 @@ class PassStats:
     layer_seconds: float = 0.0  # running micro-batches through layers
     wait_seconds: float = 0.0  # waiting for an offloaded layer's bytes (all of the read without prefetch)
     rebuild_seconds: float = 0.0  # turning read bytes into modules and back
+    host_bytes: int = 0  # copied from host RAM for the layers placed "host"
 
 
 class LayerStreamer:
@@ -153,7 +153,7 @@ class LayerStreamer:
     def __init__(self, model: nn.Module, prefetch: bool = True, depth: int = DEFAULT_PREFETCH_DEPTH) -> None:
         self.model = model
         self.decoder = decoder_of(model)
-        self.hooks = disk_hooks(model)
+        self.hooks = layer_hooks(model)
         store = offloaded_tensors(model)
         self.store: OffloadStore | None = store if isinstance(store, OffloadStore) else None
         self.depth = depth if prefetch else 0
@@ -178,14 +178,19 @@ class LayerStreamer:
         """One pass: replace `hidden[j]` by the last decoder layer's output for micro-batch j (attention mask
         `masks[j]`, KV cache `caches[j]`). `progress` (a tqdm bar) advances by one per layer."""
         layers = self.decoder.layers
-        order = [self.hooks[i].prefix for i in range(len(layers)) if i in self.hooks]
+        # disk layers come through the prefetcher; host layers are copied from RAM when their turn comes
+        order = [self.hooks[i].prefix for i in range(len(layers)) if i in self.hooks and self._on_disk(self.hooks[i])]
         began = time.perf_counter()
         with Prefetcher(self.store, order, self.depth) if self.store is not None else _NoReads() as fetch:
             for index, layer in enumerate(layers):
                 hook = self.hooks.get(index)
                 if hook is not None:
                     waited = time.perf_counter()
-                    tensors = fetch.get(hook.prefix)
+                    if self._on_disk(hook):
+                        tensors = fetch.get(hook.prefix)
+                    else:
+                        tensors = hook.fetch()
+                        self.stats.host_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
                     rebuilt = time.perf_counter()
                     self.stats.wait_seconds += rebuilt - waited
                     hook.materialize(layer, tensors)
@@ -200,12 +205,16 @@ class LayerStreamer:
                         released = time.perf_counter()
                         hook.resident = False
                         hook.release(layer)
-                        fetch.done(hook.prefix)
+                        if self._on_disk(hook):
+                            fetch.done(hook.prefix)
                         self.stats.rebuild_seconds += time.perf_counter() - released
                 if progress is not None:
                     progress.update(1)
         self.stats.passes += 1
         self.stats.layer_seconds += time.perf_counter() - began
+
+    def _on_disk(self, hook: RebuildOnForward) -> bool:
+        return self.store is not None and hook.weights is self.store
 
     def head_input(self, hidden: torch.Tensor) -> torch.Tensor:
         """The last layer's output -> what the output head reads (final layer norm, projection)."""

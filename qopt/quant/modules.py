@@ -33,7 +33,22 @@ class Linear4bit(bnb.nn.Linear4bit):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.remember_statistics()
-        return super().forward(x)
+        state = getattr(self.weight, "quant_state", None)
+        bias = self.bias
+        if bias is None or not (x.requires_grad and torch.is_grad_enabled()) \
+                or not getattr(state, "packing_format_for_cpu", False):
+            return super().forward(x)
+        # bitsandbytes adds the bias in place to the packed CPU kernel's output, which autograd refuses when the
+        # input requires grad (an eval-mode model called without no_grad after an eval forward, e.g. generate);
+        # add it out of place, in the compute dtype, as the kernel would (values only: bitsandbytes' packed
+        # kernel has no backward)
+        self.bias = None
+        try:
+            out = super().forward(x)
+        finally:
+            self.bias = bias
+        compute = self.compute_dtype or out.dtype
+        return (out.to(compute) + bias.to(compute)).to(out.dtype)
 
     def remember_statistics(self) -> None:
         """Keep (references to) the standard statistics while the quant state still holds them."""
