@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import qopt
+from qopt.evaluation.perplexity import evaluate_ids
 from qopt.io.checkpoint import inspect_checkpoint
 from qopt.loading.consumers import check_model_folder
 from qopt.model.network import input_device
@@ -97,6 +98,27 @@ def test_gpu_cpu_disk_map_gives_the_all_gpu_logits(fp16, tmp_path, name):
         **base, "model.decoder.layers.2": "cpu", "model.decoder.layers.3": "disk"})
     assert set(spread.hf_device_map.values()) == {GPU, "cpu", "disk"}
     assert close(logits(spread, IDS), reference, REL[name])  # layer 2 runs on the CPU kernel
+
+
+
+@pytest.mark.parametrize("name", ["nf4", "int8"])
+def test_host_layers_run_on_the_gpu_with_the_all_gpu_logits(fp16, tmp_path, name):
+    """Layers placed "host" stay in (pinned) host RAM and run on the GPU: the GPU's kernels, so the GPU's logits,
+    window-major and layer-major alike."""
+    everything = load(fp16, quantization=name, device_map={"": GPU})
+    reference = logits(everything, IDS)
+    base = {"model.decoder.embed_tokens": GPU, "model.decoder.embed_positions": GPU, "lm_head": GPU,
+            "model.decoder.final_layer_norm": GPU, "model.decoder.layers.0": GPU, "model.decoder.layers.1": GPU}
+    hosted = load(fp16, quantization=name, device_map={**base, "model.decoder.layers.2": "host",
+                                                        "model.decoder.layers.3": "host"})
+    stored = hosted._qopt_host
+    assert all(t.device.type == "cpu" for t in stored.values())
+    assert all(t.is_pinned() for t in stored.values()) == (DEVICE == "cuda")
+    assert torch.equal(logits(hosted, IDS), reference)
+    ids = IDS.reshape(-1)
+    streamed = evaluate_ids(hosted, ids, 8, progress=False)  # layer-major: each host layer copied once
+    assert streamed.streaming["host_bytes_copied"] == sum(t.numel() * t.element_size() for t in stored.values())
+    assert streamed.nll == pytest.approx(evaluate_ids(everything, ids, 8, progress=False).nll, rel=1e-3)
 
 
 @pytest.mark.parametrize("name", [None, "nf4", "int8"])
