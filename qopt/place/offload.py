@@ -9,8 +9,8 @@ weights through `set_quantized_state`, no re-quantization) and frees it after. A
 (`qopt.place.streaming`) instead holds a layer resident while every micro-batch passes through it.
 
 A layer placed "host" is the GPU user's middle ground (FlexGen's and accelerate's CPU offload): its tensors,
-quantized, stay in host RAM (`HostStore`, pinned when a GPU is present so the copy can run asynchronously) and
-the same hook copies them to the main device for its forward, so a GPU computes what a CPU would otherwise
+quantized, stay in host RAM (`HostStore`, pinned when a GPU is present: page-locked memory copies to a GPU at
+full PCIe speed) and the same hook copies them to the main device for its forward, so a GPU computes what a CPU would otherwise
 compute; the layer-major runner copies each such layer once per pass.
 """
 from __future__ import annotations
@@ -157,7 +157,7 @@ def _release(module: nn.Module) -> None:
 
 
 class HostStore(dict):
-    """Tensors of the layers placed "host", in host RAM: pinned when a GPU is present (asynchronous copies)."""
+    """Tensors of the layers placed "host", in host RAM: pinned when a GPU is present (faster copies to it)."""
 
     def __init__(self) -> None:
         super().__init__()
