@@ -1,7 +1,7 @@
 """Measure the regression gate's noise and (re)write its baseline with tolerances derived from it.
 
     python evals/gate_noise.py                       # evals/baselines/gate.json, its settings, K = 3
-    python evals/gate_noise.py --runs-dir /tmp/noise # keep each run's file there; existing ones are reused
+    python evals/gate_noise.py --runs-dir DIR        # keep each run's file in DIR; files already there are reused
 
 The baseline's settings (precisions, window length, window prefix) run once per configuration below, each in a
 fresh process writing a scratch baseline (numbers, digests, data-file hashes):
@@ -13,6 +13,8 @@ fresh process writing a scratch baseline (numbers, digests, data-file hashes):
     avx2        ONEDNN_MAX_CPU_ISA=AVX2 and ATEN_CPU_CAPABILITY=avx2: oneDNN and ATen kernels without AVX-512
                 (LLM.int8 then leaves torch._int_mm, which bitsandbytes uses only with AVX-512)
     avx2-1-rev  all of the above at once: AVX2, one thread, reversed order
+    no-bf16-4bit  bitsandbytes' 4-bit layers without their fused AVX512-BF16 kernel (dequantize, then matmul), as
+                on a CPU without AVX512-BF16: simulated by patching bitsandbytes' CPU feature check in the process
 
 Per precision and measure the spread is max - min over the runs (relative to the default run for perplexity and
 KL, percentage points for top-1); each tolerance is max(K x spread, floor), the floors being qopt.gate.Limits'
@@ -23,10 +25,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,13 +40,14 @@ from qopt.evaluation.precisions import DEFAULT_PRECISIONS  # noqa: E402
 from qopt.evaluation.report import UNQUANTIZED  # noqa: E402
 
 AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
-RUNS = {  # name: (threads, reversed order, extra environment)
-    "default": (2, False, {}),
-    "repeat": (2, False, {}),
-    "threads-1": (1, False, {}),
-    "reversed": (2, True, {}),
-    "avx2": (2, False, AVX2),
-    "avx2-1-rev": (1, True, AVX2),
+RUNS = {  # name: (threads, reversed order, extra environment, Python run before the command or None)
+    "default": (2, False, {}, None),
+    "repeat": (2, False, {}, None),
+    "threads-1": (1, False, {}, None),
+    "reversed": (2, True, {}, None),
+    "avx2": (2, False, AVX2, None),
+    "avx2-1-rev": (1, True, AVX2, None),
+    "no-bf16-4bit": (2, False, {}, "import bitsandbytes.nn.modules as m; m.has_avx512bf16 = lambda: False"),
 }
 GATE_DEFAULTS = {"precisions": [*DEFAULT_PRECISIONS, "nf4-calibrated"], "seqlen": 256, "windows": 16, "stride": None}
 
@@ -71,22 +74,27 @@ def run_order(precisions: list[str], reverse: bool) -> list[str]:
 
 
 def measure_run(name: str, settings: dict, out: Path, model: str | None) -> dict:
-    threads, reverse, extra = RUNS[name]
+    threads, reverse, extra, prelude = RUNS[name]
     env = run_environment(threads, extra)
     order = run_order(settings["precisions"], reverse)
     info = {"name": name, "threads": threads, "order": order, "environment": extra,
-            "cpu_capability": cpu_capability(env).split()[0]}
+            "cpu_capability": cpu_capability(env).split()[0],
+            "bitsandbytes_4bit": "dequantize + matmul (simulated)" if prelude else "fused AVX512-BF16 kernel"}
+    if prelude:
+        info["patch"] = prelude
     if out.exists():
         print(f"{name}: reusing {out}", flush=True)
         return info
-    cmd = [sys.executable, "-m", "qopt", "eval", *([model] if model else []), "--compare", "--precisions", *order,
+    command = ["-m", "qopt"] if prelude is None else [
+        "-c", f"{prelude}; import sys; from qopt.cli import main; sys.exit(main(sys.argv[1:]))"]
+    cmd = [sys.executable, *command, "eval", *([model] if model else []), "--compare", "--precisions", *order,
            "--seqlen", str(settings["seqlen"]), "--write-baseline", str(out)]
     if settings.get("windows") is not None:
         cmd += ["--windows", str(settings["windows"])]
     if settings.get("stride") is not None:
         cmd += ["--stride", str(settings["stride"])]
     began = time.perf_counter()
-    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         sys.exit(f"{name}: {' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     print(f"{name}: {threads} thread(s), {info['cpu_capability']}, {time.perf_counter() - began:.0f} s", flush=True)
@@ -128,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=float, default=3.0, help="tolerance = max(K x spread, floor)")
     parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS),
                         help="configurations to run (the first one's numbers become the baseline)")
-    parser.add_argument("--runs-dir", help="keep each run's scratch baseline here; existing files are reused")
+    parser.add_argument("--runs-dir", help="keep each run's scratch baseline here; files already there are reused "
+                                           "(default: a temporary folder, every run measured afresh)")
     args = parser.parse_args(argv)
 
     path = Path(args.baseline)
@@ -140,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         model = model or (None if old.report.model == gate.BUNDLED else old.report.model)
     if args.precisions:
         settings["precisions"] = args.precisions
-    folder = Path(args.runs_dir or ROOT / "build" / "gate_noise")
+    scratch = None if args.runs_dir else tempfile.TemporaryDirectory(prefix="gate_noise_")
+    folder = Path(args.runs_dir or scratch.name)
     folder.mkdir(parents=True, exist_ok=True)
     infos = [measure_run(name, settings, folder / f"{name}.json", model) for name in args.runs]
     runs = {name: gate.read_baseline(folder / f"{name}.json") for name in args.runs}

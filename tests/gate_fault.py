@@ -1,8 +1,10 @@
-"""Run the `qopt` command with one fault injected: `python tests/gate_fault.py MODULE ATTRIBUTE EXPRESSION ARGS...`.
+"""Run the `qopt` command with one fault injected:
+
+    python tests/gate_fault.py MODULE ATTRIBUTE EXPRESSION ARGS...
 
 ATTRIBUTE may be dotted (`Linear4bit.remember_statistics`); EXPRESSION is Python evaluated with `original` bound
-to the value it replaces and `qopt` imported. MODULE `-` runs the command unmodified. A fresh process per fault, because the
-tokenized evaluation text and the quantizer tables are cached per process (tests/test_gate_mutations.py).
+to the value it replaces and `qopt` imported. MODULE `-` runs the command unmodified. A fresh process per fault,
+because the tokenized evaluation text and the quantizer tables are cached per process (tests/test_gate_mutations.py).
 """
 from __future__ import annotations
 

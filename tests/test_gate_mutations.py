@@ -54,14 +54,14 @@ def gate(tmp_path: Path, precisions: list[str], fault: tuple[str, str, str] = ("
     return done.returncode, json.loads(verdict.read_text()), done.stdout
 
 
-def margins(verdict: dict) -> str:
-    """Each failed check's change against what it allows, for the record (-s shows it)."""
+def margins(verdict: dict, precisions: list[str]) -> str:
+    """The faulted precisions' checks and every failed one: change against what is allowed (-s shows them)."""
     lines = []
     for c in verdict["checks"]:
-        if not c["passed"]:
+        if not c["passed"] or c["precision"] in precisions:
             cells = c["cells"]
-            lines.append(f"  {c['precision']} {c['measure']}: {cells['baseline']} -> {cells['now']} "
-                         f"({cells['change']}, allowed {cells['allowed']})")
+            lines.append(f"  {'FAIL' if not c['passed'] else 'ok  '} {c['precision']} {c['measure']}: "
+                         f"{cells['baseline']} -> {cells['now']} ({cells['change']}, allowed {cells['allowed']})")
     return "\n".join(lines)
 
 
@@ -78,7 +78,7 @@ def test_the_unmodified_code_passes_the_gate(tmp_path):
 def test_an_injected_fault_fails_the_gate(name, tmp_path):
     precisions, module, attribute, replacement, must_fail = FAULTS[name]
     status, verdict, out = gate(tmp_path, precisions, (module, attribute, replacement))
-    print(f"{name}:\n{margins(verdict)}")
+    print(f"{name}:\n{margins(verdict, precisions)}")
     assert status == 1, out
     failed = {(c["precision"], c["measure"]) for c in verdict["checks"] if not c["passed"]}
     assert must_fail <= failed, f"{name}: expected {sorted(must_fail)} among the failures, got {sorted(failed)}"
