@@ -469,7 +469,10 @@ def test_ctrl_c_leaves_the_cache_consistent_and_the_next_run_resumes(hub, tmp_pa
             time.sleep(0.25)
 
     hub.on_body = trickle
-    code = "import qopt; qopt.load('org/big', progress=False)"
+    # Ctrl-C as in a terminal even when this suite runs in the background, where the shell starts it with
+    # SIGINT ignored and children inherit that
+    code = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "import qopt; qopt.load('org/big', progress=False)")
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "PYTHONPATH": str(Path(qopt.__file__).parent.parent)})
     assert sent.wait(120), "the child never got past 14 MiB of the shard"
