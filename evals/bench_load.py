@@ -6,7 +6,7 @@
 The checkpoint is written once (random float16 weights, shards of at most 500 MB, the real OPT config) and
 reused. Each load runs in a fresh subprocess; peak RSS is VmHWM minus the RSS right after the imports
 (docs/design.md, "Measuring memory"); load time is the wall time of the load call. Each figure is the median of
---runs runs (default 3) with its spread (max - min); ratios are ours / transformers'. Targets (issue 3): peak RSS <= 1.1 x
+--runs runs (default 3) with its spread (max - min); ratios are ours / transformers'. Targets: peak RSS <= 1.1 x
 (quantized model + largest shard) and <= 0.5 x transformers'; load time <= 0.5 x transformers'.
 """
 from __future__ import annotations

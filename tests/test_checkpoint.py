@@ -46,7 +46,10 @@ def test_sharded_hf_checkpoint_and_legacy_bin(tmp_path):
     hf = make_hf_model()
     hf.save_pretrained(tmp_path / "sharded", max_shard_size="30KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
-    hf.save_pretrained(tmp_path / "bin", safe_serialization=False) if _can_save_bin() else _save_bin(hf, tmp_path / "bin")
+    if _can_save_bin():
+        hf.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    else:
+        _save_bin(hf, tmp_path / "bin")
     ids = torch.randint(3, 1000, (1, 5))
     with torch.no_grad():
         ref = hf(ids).logits

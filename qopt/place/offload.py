@@ -10,8 +10,8 @@ weights through `set_quantized_state`, no re-quantization) and frees it after. A
 
 A layer placed "host" is the GPU user's middle ground (FlexGen's and accelerate's CPU offload): its tensors,
 quantized, stay in host RAM (`HostStore`, pinned when a GPU is present: page-locked memory copies to a GPU at
-full PCIe speed) and the same hook copies them to the main device for its forward, so a GPU computes what a CPU would otherwise
-compute; the layer-major runner copies each such layer once per pass.
+full PCIe speed) and the same hook copies them to the main device for its forward, so a GPU computes what a CPU
+would otherwise compute; the layer-major runner copies each such layer once per pass.
 """
 from __future__ import annotations
 
