@@ -38,6 +38,24 @@ def make_hf_model(cls_name: str = "OPTForCausalLM", seed: int = 0, peaky: float 
     return model
 
 
+def save_random_opt(folder, peaky: float = 1.0, dtype: torch.dtype | None = None, **overrides):
+    """A random qopt OPT written to `folder` (returned): by default OPT's real vocabulary (so text files
+    tokenize), hidden 64, 2 layers; `peaky` scales the tied embedding (a head that can express peaked
+    distributions), `dtype` is the saved dtype, `overrides` are OPTConfig fields."""
+    import qopt
+
+    torch.manual_seed(0)
+    config = qopt.OPTConfig(**{**dict(vocab_size=50272, hidden_size=64, num_hidden_layers=2, ffn_dim=128,
+                                      num_attention_heads=4, max_position_embeddings=64, dropout=0.0), **overrides})
+    model = qopt.OPTForCausalLM(config)
+    model.init_weights()
+    if peaky != 1.0:
+        with torch.no_grad():
+            model.get_input_embeddings().weight.mul_(peaky)
+    (model.to(dtype) if dtype is not None else model).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def hf_checkpoint(tmp_path):
     """Write a transformers model to a temp folder; returns (folder, hf_model)."""

@@ -18,6 +18,7 @@ from qopt.evaluation.perplexity import (cut_windows, describe_windows, evaluate_
                                        wikitext2_text)
 from qopt.evaluation.report import ComparisonReport
 from qopt.evaluation.verdict import check_baseline
+from tests.conftest import save_random_opt
 
 SEQ = 64  # TINY's max_position_embeddings
 PREFIX = 20_000  # characters of WikiText-2 used where the full text is not the point
@@ -56,14 +57,8 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A qopt checkpoint with OPT's real vocabulary (short windows, so cheap) for the commands on WikiText-2."""
-    torch.manual_seed(0)
-    config = qopt.OPTConfig(vocab_size=50272, hidden_size=64, num_hidden_layers=2, ffn_dim=128,
-                            num_attention_heads=2, max_position_embeddings=32, dropout=0.0)
-    model = qopt.OPTForCausalLM(config)
-    model.init_weights()
-    folder = tmp_path_factory.mktemp("checkpoint") / "model"
-    model.save_pretrained(folder)
-    return folder
+    return save_random_opt(tmp_path_factory.mktemp("checkpoint") / "model", num_attention_heads=2,
+                           max_position_embeddings=32)
 
 
 def test_wikitext2_token_and_window_counts():

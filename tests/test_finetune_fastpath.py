@@ -11,18 +11,11 @@ from qopt.finetuning.fastpath import fast_path, half_precision_head
 from qopt.finetuning.lora import LoraConfig, add_lora
 from qopt.finetuning.recipe import prepare_for_kbit_training
 from qopt.finetuning.trainer import CHECKPOINT_DIR, TRAINER_STATE, TrainingArguments, train
+from tests.conftest import save_random_opt
 
 
 def tiny_checkpoint(folder, vocab=1000):
-    torch.manual_seed(0)
-    config = qopt.OPTConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, ffn_dim=256,
-                            num_attention_heads=4, max_position_embeddings=64, dropout=0.0)
-    model = qopt.OPTForCausalLM(config)
-    model.init_weights()
-    with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(10)
-    model.to(torch.bfloat16).save_pretrained(folder)
-    return folder
+    return save_random_opt(folder, peaky=10, dtype=torch.bfloat16, vocab_size=vocab, ffn_dim=256)
 
 
 def losses(folder, out, half):

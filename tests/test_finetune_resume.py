@@ -4,7 +4,6 @@ import json
 import shutil
 
 import pytest
-import torch
 from test_training import story
 
 import qopt
@@ -15,6 +14,7 @@ from qopt.finetuning.lora import LoraConfig, add_lora
 from qopt.finetuning.recipe import finetune
 from qopt.finetuning.trainer import TRAINER_STATE, TRAINING_LOG, TrainingArguments, train
 from qopt.model.tokenizer import tokenizer_for
+from tests.conftest import save_random_opt
 
 LORA = LoraConfig(r=4, lora_alpha=8)
 
@@ -22,14 +22,7 @@ LORA = LoraConfig(r=4, lora_alpha=8)
 @pytest.fixture
 def tiny_base(tmp_path):
     """A random OPT with the real vocabulary (so text files tokenize), as in test_training.py."""
-    torch.manual_seed(0)
-    config = qopt.OPTConfig(vocab_size=50272, hidden_size=64, num_hidden_layers=2, ffn_dim=128,
-                            num_attention_heads=4, max_position_embeddings=64, dropout=0.0)
-    model = qopt.OPTForCausalLM(config)
-    model.init_weights()
-    folder = tmp_path / "tiny-opt"
-    model.save_pretrained(folder)
-    return folder
+    return save_random_opt(tmp_path / "tiny-opt")
 
 
 def quick(out, **overrides):

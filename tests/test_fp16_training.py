@@ -10,18 +10,12 @@ from qopt.finetuning.data import LMBlocks
 from qopt.finetuning.lora import LoraConfig, add_lora, lora_layers
 from qopt.finetuning.recipe import fp16_compute, prepare_for_kbit_training
 from qopt.finetuning.trainer import TrainingArguments, train
+from tests.conftest import save_random_opt
 
 
 @pytest.fixture
 def tiny_folder(tmp_path):
-    torch.manual_seed(0)
-    config = qopt.OPTConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
-                            max_position_embeddings=64, dropout=0.0)
-    model = qopt.OPTForCausalLM(config)
-    model.init_weights()
-    folder = tmp_path / "tiny"
-    model.save_pretrained(folder)
-    return folder
+    return save_random_opt(tmp_path / "tiny", vocab_size=256)
 
 
 def pattern_blocks(rows: int = 32, length: int = 32) -> LMBlocks:

@@ -17,7 +17,7 @@ from qopt.evaluation.perplexity import evaluate_ids
 from qopt.io.checkpoint import inspect_checkpoint
 from qopt.loading.consumers import check_model_folder
 from qopt.model.network import input_device
-from tests.conftest import make_hf_model
+from tests.conftest import make_hf_model, save_random_opt
 
 DEVICE = os.environ.get("QOPT_GPU_TEST_DEVICE", "cuda")
 GPU = 0 if DEVICE == "cuda" else "cpu"  # the device map's name for the device under test
@@ -58,16 +58,7 @@ def fp16(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vocab_model(tmp_path_factory):
     """The real OPT vocabulary (so WikiText and text files tokenize), hidden 64, peaky head."""
-    torch.manual_seed(0)
-    config = qopt.OPTConfig(vocab_size=50272, hidden_size=64, num_hidden_layers=2, ffn_dim=128,
-                            num_attention_heads=4, max_position_embeddings=64, dropout=0.0)
-    model = qopt.OPTForCausalLM(config)
-    model.init_weights()
-    with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(10)
-    folder = tmp_path_factory.mktemp("gpu") / "vocab"
-    model.half().save_pretrained(folder)
-    return folder
+    return save_random_opt(tmp_path_factory.mktemp("gpu") / "vocab", peaky=10, dtype=torch.float16)
 
 
 IDS = torch.randint(3, 1000, (2, 12), generator=torch.Generator().manual_seed(0))

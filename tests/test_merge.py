@@ -14,6 +14,7 @@ from qopt.finetuning.lora import LoraConfig, add_lora
 from qopt.finetuning.merge import MergeQuality, merge_into_float
 from qopt.finetuning.recipe import prepare_for_kbit_training
 from qopt.finetuning.trainer import TrainingArguments, train
+from tests.conftest import save_random_opt
 
 WINDOWS = 6  # WikiText-2 windows of 64 tokens
 
@@ -21,15 +22,8 @@ WINDOWS = 6  # WikiText-2 windows of 64 tokens
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A random OPT with the real vocabulary, context 64, saved in bf16."""
-    torch.manual_seed(0)
-    config = qopt.OPTConfig(vocab_size=50272, hidden_size=64, num_hidden_layers=2, ffn_dim=256,
-                            num_attention_heads=4, max_position_embeddings=64, dropout=0.0)
-    model = qopt.OPTForCausalLM(config)
-    model.init_weights()
-    with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(10)  # a head that can express peaked distributions
-    folder = tmp_path_factory.mktemp("merge") / "base"
-    model.to(torch.bfloat16).save_pretrained(folder)
+    folder = save_random_opt(tmp_path_factory.mktemp("merge") / "base", peaky=10, dtype=torch.bfloat16,
+                             ffn_dim=256)
     return folder
 
 

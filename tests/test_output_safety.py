@@ -20,6 +20,7 @@ from qopt.finetuning.adapters import save_adapter
 from qopt.finetuning.lora import LoraConfig, add_lora
 from qopt.io.checkpoint import write_safetensors_shards
 from qopt.loading.loader import quantize_checkpoint
+from tests.conftest import save_random_opt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,14 +33,7 @@ def tree_digest(folder: Path) -> dict[str, str]:
 
 @pytest.fixture
 def source(tmp_path):
-    torch.manual_seed(0)
-    config = qopt.OPTConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, ffn_dim=128,
-                            num_attention_heads=4, max_position_embeddings=64)
-    model = qopt.OPTForCausalLM(config)
-    model.init_weights()
-    folder = tmp_path / "float-model"
-    model.save_pretrained(folder)
-    return folder
+    return save_random_opt(tmp_path / "float-model", vocab_size=1000, dropout=0.1)
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from qopt.finetuning.lora import LoraConfig, add_lora
 from qopt.finetuning.recipe import finetune, prepare_for_kbit_training
 from qopt.finetuning.trainer import TRAINING_LOG, TrainingArguments, lr_factor, make_optimizer
 from qopt.model.tokenizer import tokenizer_for
+from tests.conftest import save_random_opt
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = (bundled_model_dir() / "config.json").exists()
@@ -38,16 +39,7 @@ def story(lines: int, seed: int = 0) -> str:
 def tiny_base(tmp_path):
     """A random OPT with the real vocabulary (so text files tokenize), hidden 64; its embedding is scaled up so
     the tied head can express a peaked distribution that the adapters can learn to move."""
-    torch.manual_seed(0)
-    config = qopt.OPTConfig(vocab_size=50272, hidden_size=64, num_hidden_layers=2, ffn_dim=128,
-                            num_attention_heads=4, max_position_embeddings=64, dropout=0.0)
-    model = qopt.OPTForCausalLM(config)
-    model.init_weights()
-    with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(10)
-    folder = tmp_path / "tiny-opt"
-    model.save_pretrained(folder)
-    return folder
+    return save_random_opt(tmp_path / "tiny-opt", peaky=10)
 
 
 def args(out, **overrides):
