@@ -112,7 +112,8 @@ def finetune(model_path: str | Path, data: str | Path, args: TrainingArguments, 
                 "eval_fraction": None if eval_data else eval_fraction, "quantization": quantization,
                 "torch_dtype": torch_dtype, "adapter_dtype": adapter_dtype,
                 "half_head": bool(quantization and half_head)}
-    fingerprint = run_fingerprint(base_fingerprint(model_path), lora or LoraConfig(), args,
+    lora = lora or LoraConfig()
+    fingerprint = run_fingerprint(base_fingerprint(model_path), lora, args,
                                   data_fingerprint(train=data, eval=eval_data), settings)
     finished = finished_run(Path(args.output_dir), fingerprint, args, int(os.environ.get("RANK", "0")) == 0)
     if finished is not None:  # checked before the model is loaded: a finished run costs nothing to repeat
@@ -129,7 +130,6 @@ def finetune(model_path: str | Path, data: str | Path, args: TrainingArguments, 
     elif gradient_checkpointing:
         enable_input_require_grads(model)
         model.gradient_checkpointing_enable()
-    lora = lora or LoraConfig()
     add_lora(model, lora, dtype=adapter_dtype)
     fast_path(model, half_head=bool(quantization and half_head))  # finetuning/fastpath.py
     if gradient_checkpointing == "auto" and task == "causal-lm":

@@ -167,9 +167,6 @@ class HostStore(dict):
         tensor = tensor.detach().to("cpu").contiguous()
         self[name] = tensor.pin_memory() if self.pin else tensor
 
-    def nbytes(self, key: str) -> int:
-        return self[key].numel() * self[key].element_size()
-
 
 OFFLOAD_KINDS = ("disk", "host")  # device-map values of layers rebuilt on the main device for each forward
 
