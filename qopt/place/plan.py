@@ -215,10 +215,11 @@ def plan(source: OPTConfig | str | os.PathLike, bits: int = 4, max_memory: dict[
     act = activation_bytes(config, context, batch, dtype)
     memory = normalize_max_memory(max_memory)
     sizes = compute_module_sizes(sizing_view(model, dtype), dtype=dtype)
+    in_flight = (1 + DEFAULT_PREFETCH_DEPTH) * sizes.get(f"{LAYER_PREFIX}0", 0)  # a host layer computing + prefetched
     if stream_from_host and any(isinstance(k, int) for k in memory):
         # every layer's KV cache and the layers in flight live on the main GPU: reserved before placing weights
         main_gpu = next(k for k in memory if isinstance(k, int))
-        reserve = (1 + DEFAULT_PREFETCH_DEPTH) * sizes[f"{LAYER_PREFIX}0"] + config.num_hidden_layers * kv_layer
+        reserve = in_flight + config.num_hidden_layers * kv_layer
         placing = {**memory, main_gpu: max(0, memory[main_gpu] - reserve)}
         device_map = host_placement(infer_device_map(model, dtype, strategy, placing, 0, act), label)
     else:
@@ -236,8 +237,7 @@ def plan(source: OPTConfig | str | os.PathLike, bits: int = 4, max_memory: dict[
         kv_dev = main if dev in ("disk", "host") else dev
         if layers:
             result.kv_cache_bytes[kv_dev] = result.kv_cache_bytes.get(kv_dev, 0) + layers * kv_layer
-    host_layers = [sizes[name] for name, device in device_map.items() if device == "host"]
-    result.stream_buffer_bytes = (1 + DEFAULT_PREFETCH_DEPTH) * max(host_layers, default=0)
+    result.stream_buffer_bytes = in_flight if "host" in device_map.values() else 0
     return result
 
 
