@@ -271,7 +271,7 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 def adapter_set(model: nn.Module) -> AdapterSet:
     found = getattr(model, "lora_adapters", None)
     if found is None:
-        raise AdapterError(f"{type(model).__name__} has no LoRA adapters (call qopt.lora.add_lora first)")
+        raise AdapterError(f"{type(model).__name__} has no LoRA adapters (call qopt.add_lora first)")
     return found
 
 

@@ -353,7 +353,7 @@ def train(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, args: 
     """
     adapters = adapter_set(model)
     if adapters.active is None:
-        raise AdapterError("no active adapter to train (add one with qopt.lora.add_lora)")
+        raise AdapterError("no active adapter to train (add one with qopt.add_lora)")
     check_output_folder(args.output_dir, adapter=True)  # before any training: a bad folder fails now
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     set_seed(args.seed, device_specific=True)

@@ -5,7 +5,7 @@ multinomial sampling (temperature, top-k, top-p), repetition penalty, beam searc
 search (Su et al., 2022), end tokens, stop strings and streaming. It returns prompt + new tokens, rows that finished
 early padded with `pad_token_id`. As in gpt-fast, `DecodeState.prefill` runs the prompts once (the KV cache sized
 for prompt + max_new_tokens, each layer's buffer on that layer's device) and `DecodeState.decode_one_token` feeds
-one token per row; each strategy is a short loop over the two. `qopt.fastpath` trims the per-token overhead.
+one token per row; each strategy is a short loop over the two. `qopt.generation.fastpath` trims the per-token overhead.
 """
 from __future__ import annotations
 

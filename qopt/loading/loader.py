@@ -2,7 +2,7 @@
 
 The stages, each a plain function: read config.json and the shard headers -> build the model on the meta
 device with its quantized Linears swapped in as empty bitsandbytes modules -> place it
-(`planning.infer_device_map`, quantized sizes) -> stream the shards, quantizing each Linear weight as it
+(`place.device_map.infer_device_map`, quantized sizes) -> stream the shards, quantizing each Linear weight as it
 arrives and putting every tensor where the map says (CPU, GPU or the offload folder) -> attach the hooks that
 run layers on other devices or from disk. The full-precision model never exists in memory: peak host memory
 is about the quantized model plus the shard being read (its memory map is closed once it is consumed).
