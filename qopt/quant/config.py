@@ -96,6 +96,18 @@ class QuantizationConfig:
             raise ConfigError(f"quantization {name!r}: expected one of {', '.join(PRESETS)}")
         return cls(**{**PRESETS[key], **overrides})
 
+    @classmethod
+    def from_bits(cls, bits: int, quant_type: str = "nf4", double_quant: bool = False,
+                  compute_dtype: torch.dtype = torch.bfloat16) -> "QuantizationConfig | None":
+        """The config of a width as the planners and CLI flags give it (4: `quant_type`, 8: int8); None for 16
+        (nothing quantized)."""
+        if bits not in (4, 8, 16):
+            raise ValueError(f"bits must be 4, 8 or 16, got {bits}")
+        if bits == 16:
+            return None
+        return cls(load_in_8bit=bits == 8, load_in_4bit=bits == 4, bnb_4bit_quant_type=quant_type,
+                   bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype)
+
     def to_dict(self) -> dict[str, Any]:
         data = {"quant_method": "bitsandbytes", "_load_in_8bit": self.load_in_8bit,
                 "_load_in_4bit": self.load_in_4bit, "llm_int8_threshold": self.llm_int8_threshold,
