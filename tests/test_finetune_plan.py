@@ -10,7 +10,7 @@ from torch.utils._pytree import tree_flatten
 import qopt
 from qopt.cli.main import main
 from qopt.evaluation.footprint import weight_footprint
-from qopt.finetuning.fastpath import auto_checkpointing, fast_path, half_precision_head
+from qopt.finetuning.step_speedups import auto_checkpointing, fast_path, half_precision_head
 from qopt.finetuning.lora import LoraConfig, add_lora
 from qopt.finetuning.plan import largest_fitting, optimizer_bytes, plan_finetune
 from qopt.finetuning.recipe import prepare_for_kbit_training
