@@ -46,9 +46,9 @@ def child(folder: str, batch: int, seq: int, checkpointing: bool | str, r: int, 
 
     import qopt
     from qopt.finetuning.data import LMBlocks
-    from qopt.finetuning.step_speedups import auto_checkpointing, fast_path
     from qopt.finetuning.lora import LoraConfig, add_lora
     from qopt.finetuning.recipe import prepare_for_kbit_training
+    from qopt.finetuning.step_speedups import auto_checkpointing, fast_path
     from qopt.finetuning.trainer import TrainingArguments, train
 
     base = kib("VmRSS")

@@ -10,10 +10,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..place.strategies import STRATEGIES
 from ..quant.presets import PRESETS
 
 DEFAULT_MODEL_HELP = "checkpoint folder or Hub id such as facebook/opt-125m (default: the bundled model)"
-DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential", "cpu", "cuda", "cuda:N")
+DEVICE_MAPS = (*STRATEGIES, "cpu", "cuda", "cuda:N")
 DTYPE_NAMES = ("auto", "bfloat16", "float16", "float32")
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..place.strategies import STRATEGIES
 from .common import add_checkpointing, add_hub, add_parser, checkpointing
 
 
@@ -21,7 +22,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--context", type=int, default=2048, help="tokens per sequence held in the KV cache")
     p.add_argument("--batch", type=int, help="sequences decoded at once (default 1; --finetune: rows per step, "
                    "default 4)")
-    p.add_argument("--strategy", choices=("auto", "balanced", "balanced_low_0", "sequential"), default="auto",
+    p.add_argument("--strategy", choices=STRATEGIES, default="auto",
                    help="how layers spread over the GPUs (accelerate's device-map strategies)")
     add_hub(p)
     p.add_argument("--read-bandwidth", metavar="RATE",

@@ -208,7 +208,7 @@ def task_type_of(model: nn.Module) -> str | None:
     return TASK_TYPES.get(type(model).__name__)
 
 
-def _matches(name: str, patterns: list[str] | str) -> bool:
+def _matches_peft_rule(name: str, patterns: list[str] | str) -> bool:
     """PEFT's rule: a string is a regex the whole name must match; a list entry matches the name or its suffix."""
     if isinstance(patterns, str):
         return re.fullmatch(patterns, name) is not None
@@ -237,13 +237,13 @@ def resolve_target_modules(model: nn.Module, config: LoraConfig) -> list[str]:
     if config.target_modules == ALL_LINEAR:
         found = [n for n in linears if decoder_layer_index(n) is not None]
     else:
-        found = [n for n in linears if _matches(n, config.target_modules)]
+        found = [n for n in linears if _matches_peft_rule(n, config.target_modules)]
         if isinstance(config.target_modules, list):
-            unknown = [t for t in config.target_modules if not any(_matches(n, [t]) for n in linears)]
+            unknown = [t for t in config.target_modules if not any(_matches_peft_rule(n, [t]) for n in linears)]
             if unknown:
                 raise AdapterError(f"target_modules {unknown} match no Linear module of {type(model).__name__} "
                                    f"(its Linear modules end in {sorted({n.rsplit('.', 1)[-1] for n in linears})})")
-    found = [n for n in found if not _matches(n, saved)]
+    found = [n for n in found if not _matches_peft_rule(n, saved)]
     if not found:
         raise AdapterError(f"target_modules {config.target_modules!r} match no Linear module of "
                            f"{type(model).__name__}")
@@ -312,7 +312,7 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, adapter_name: s
             _replace(model, name, module)
         module.add_adapter(adapter_name, config, dtype, initialise)
     for name, module in list(_base_modules(model)):
-        if name and config.modules_to_save and _matches(name, config.modules_to_save) \
+        if name and config.modules_to_save and _matches_peft_rule(name, config.modules_to_save) \
                 and not isinstance(module, LoraLinear) and ".base_layer" not in name:
             if not isinstance(module, ModulesToSave):
                 module = ModulesToSave(module)

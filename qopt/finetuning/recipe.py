@@ -22,9 +22,9 @@ from ..model.tokenizer import tokenizer_for
 from ..place.ranks import check_one_device_per_rank
 from ..quant.config import QuantizationConfig
 from .data import classification_dataset, lm_dataset
-from .step_speedups import auto_checkpointing, fast_path
 from .fingerprint import base_fingerprint, data_fingerprint, run_fingerprint
 from .lora import LoraConfig, add_lora
+from .step_speedups import auto_checkpointing, fast_path
 from .trainer import TrainingArguments, TrainResult, finished_run, train
 
 

@@ -32,10 +32,10 @@ from ..place.offload import OFFLOAD_KINDS, HostStore, OffloadFolder, attach_disk
     check_offloadable
 from ..place.plan import DeviceMap
 from ..place.ranks import check_one_device_per_rank
-from ..place.sizes import format_bytes, meta_model, placed_bytes
+from ..place.sizes import meta_model, placed_bytes
 from ..quant.config import QuantizationConfig
 from ..quant.modules import bits_of, is_quantized, owning_module, quantize_weight, saved_keys, set_quantized_state
-from ..utils import FLOAT_DTYPES
+from ..utils import FLOAT_DTYPES, format_bytes
 from .saving import save_model
 
 logger = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def load(path: str | os.PathLike, *, quantization: Any = None, quantization_conf
     host = HostStore() if "host" in placement.values() else None
     shard_loader = _ShardLoader(model, files, quant, pre_quantized, dtype, placement, offload, path, host)
     try:
-        with source.stream(files) as shards, \
+        with source.fetch_shards(files) as shards, \
                 tqdm(total=shards.total_bytes, unit="B", unit_scale=True, desc="Loading", disable=not progress) as bar:
             for shard in shards:
                 bar.set_description(f"Loading {shard.name}")

@@ -168,7 +168,7 @@ class QuantizationConfig:
 
     def bits_for(self, name: str) -> int:
         """4, 8 or 16 for the Linear module called `name` (a full module name)."""
-        if _matches(name, HEADS) or _matches(name, self.llm_int8_skip_modules or ()):
+        if _matches_skip_rule(name, HEADS) or _matches_skip_rule(name, self.llm_int8_skip_modules or ()):
             return 16
         short = name.removeprefix("model.")
         for key, bits in self.module_bits.items():
@@ -177,7 +177,7 @@ class QuantizationConfig:
         return self.bits
 
 
-def _matches(name: str, patterns: tuple[str, ...] | list[str]) -> bool:
+def _matches_skip_rule(name: str, patterns: tuple[str, ...] | list[str]) -> bool:
     """transformers' rule: a pattern matches from the start up to a module boundary (also as a regex), or as a
     suffix ("fc1" matches "model.decoder.layers.3.fc1")."""
     boundary = r"(?:(?<=\.)|(?=\.|$))"
