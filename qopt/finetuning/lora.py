@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import bitsandbytes as bnb
 import torch
 from torch import nn
 
@@ -485,7 +486,7 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit weights count as the parameters they hold, not bytes."""
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel() * 2 if type(p).__name__ == "Params4bit" else p.numel()  # two 4-bit values per byte
+        n = p.numel() * 2 if isinstance(p, bnb.nn.Params4bit) else p.numel()  # two 4-bit values per byte
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total
