@@ -45,9 +45,9 @@ def run_side(side: str, folder: str, steps: int, batch: int, seq: int, threads: 
     torch.set_num_threads(threads)
     if side in ("ours", "ours-ckpt", "plain"):
         import qopt
-        from qopt.finetuning.fastpath import auto_checkpointing, fast_path
         from qopt.finetuning.lora import LoraConfig, add_lora, trainable_parameters
         from qopt.finetuning.recipe import prepare_for_kbit_training
+        from qopt.finetuning.step_speedups import auto_checkpointing, fast_path
     else:
         import peft
         import transformers

@@ -17,9 +17,9 @@ fresh process writing a scratch baseline (numbers, digests, data-file hashes):
                 on a CPU without AVX512-BF16: simulated by patching bitsandbytes' CPU feature check in the process
 
 Per precision and measure the spread is max - min over the runs (relative to the default run for perplexity and
-KL, percentage points for top-1); each tolerance is max(K x spread, floor), the floors being qopt.gate.Limits'
-defaults, and a digest is pinned only if it was identical in every run. The default run's numbers become the
-baseline; the spreads, the runs and the rule go into its "noise" field.
+KL, percentage points for top-1); each tolerance is max(K x spread, floor), the floors being
+qopt.evaluation.gate.Limits' defaults, and a digest is pinned only if it was identical in every run. The default
+run's numbers become the baseline; the spreads, the runs and the rule go into its "noise" field.
 """
 from __future__ import annotations
 

@@ -46,9 +46,9 @@ def child(folder: str, batch: int, seq: int, checkpointing: bool | str, r: int, 
 
     import qopt
     from qopt.finetuning.data import LMBlocks
-    from qopt.finetuning.fastpath import auto_checkpointing, fast_path
     from qopt.finetuning.lora import LoraConfig, add_lora
     from qopt.finetuning.recipe import prepare_for_kbit_training
+    from qopt.finetuning.step_speedups import auto_checkpointing, fast_path
     from qopt.finetuning.trainer import TrainingArguments, train
 
     base = kib("VmRSS")
@@ -95,14 +95,19 @@ def table_row(record: dict, plan: object) -> str:
 
 
 def plan_for(record: dict, folder: Path | None = None) -> object:
-    from qopt.finetuning.plan import plan_finetune
+    from qopt.finetuning.lora import LoraConfig
+    from qopt.finetuning.plan import machine_preset, plan_from_configs
+    from qopt.finetuning.trainer import TrainingArguments
+    from qopt.quant.config import QuantizationConfig
 
     source = folder or f"opt-{record['shape']}"
     checkpointing = record["checkpointing"]
     if checkpointing == "auto":  # what "auto" chose when the runs were measured (the plan of now may differ)
         checkpointing = record["runs"][0]["checkpointed"]
-    return plan_finetune(source, machine="cpu", r=record["r"], batch=record["batch"], seq=record["seq"],
-                         gradient_checkpointing=checkpointing, shard_size=record.get("shard_bytes"))
+    lora = LoraConfig(r=record["r"], lora_alpha=2 * record["r"], target_modules=["q_proj", "v_proj"])
+    return plan_from_configs(source, machine_preset("cpu"), QuantizationConfig.from_bits(4), lora,
+                             TrainingArguments(output_dir="", batch_size=record["batch"]), seq=record["seq"],
+                             gradient_checkpointing=checkpointing, shard_size=record.get("shard_bytes"))
 
 
 def fit(records: list[dict]) -> None:

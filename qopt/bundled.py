@@ -4,6 +4,8 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+BUNDLED = "bundled"  # the name that stands for the shipped model or tokenizer (in a report, as a path argument)
+
 
 def data_dir() -> Path:
     return Path(str(resources.files("qopt") / "data"))

@@ -7,10 +7,11 @@ import torch
 
 import qopt
 from qopt.finetuning.data import LMBlocks
-from qopt.finetuning.fastpath import fast_path, half_precision_head
 from qopt.finetuning.lora import LoraConfig, add_lora
 from qopt.finetuning.recipe import prepare_for_kbit_training
-from qopt.finetuning.trainer import CHECKPOINT_DIR, TRAINER_STATE, TrainingArguments, train
+from qopt.finetuning.resume import CHECKPOINT_DIR, TRAINER_STATE
+from qopt.finetuning.step_speedups import fast_path, half_precision_head
+from qopt.finetuning.trainer import TrainingArguments, train
 from tests.conftest import save_random_opt
 
 

@@ -10,10 +10,10 @@ from torch.utils._pytree import tree_flatten
 import qopt
 from qopt.cli.main import main
 from qopt.evaluation.footprint import weight_footprint
-from qopt.finetuning.fastpath import auto_checkpointing, fast_path, half_precision_head
 from qopt.finetuning.lora import LoraConfig, add_lora
 from qopt.finetuning.plan import largest_fitting, optimizer_bytes, plan_finetune
 from qopt.finetuning.recipe import prepare_for_kbit_training
+from qopt.finetuning.step_speedups import auto_checkpointing, fast_path, half_precision_head
 
 TINY = dict(vocab_size=1000, hidden_size=128, num_hidden_layers=2, ffn_dim=512, num_attention_heads=4,
             max_position_embeddings=64, dropout=0.1)

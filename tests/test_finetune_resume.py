@@ -12,7 +12,8 @@ from qopt.errors import OutputError, ResumeError
 from qopt.finetuning.data import lm_dataset
 from qopt.finetuning.lora import LoraConfig, add_lora
 from qopt.finetuning.recipe import finetune
-from qopt.finetuning.trainer import TRAINER_STATE, TRAINING_LOG, TrainingArguments, train
+from qopt.finetuning.resume import TRAINER_STATE, TrainerState
+from qopt.finetuning.trainer import TRAINING_LOG, TrainingArguments, train
 from qopt.model.tokenizer import tokenizer_for
 from tests.conftest import save_random_opt
 
@@ -162,6 +163,78 @@ def test_a_checkpoint_without_fingerprint_still_resumes_and_says_so(tmp_path, ti
     said = capsys.readouterr().out
     assert result.resumed_from == 2 and "resuming from step 2 of 3 (the checkpoint has no fingerprint" in said
     assert "fingerprint" in json.loads(state_file.read_text())  # written at the next save
+
+
+# trainer_state.json as qopt wrote it before `TrainerState` (train() dumped a free-form dict), fp16 run
+OLD_FP16_STATE = """{
+ "step": 2,
+ "epoch": 1,
+ "batches_in_epoch": 0,
+ "losses": [
+  10.8125,
+  10.75
+ ],
+ "evals": [
+  {
+   "step": 0,
+   "loss": 10.9,
+   "perplexity": 54176.2
+  }
+ ],
+ "args": {
+  "output_dir": "out",
+  "max_steps": 2,
+  "batch_size": 2,
+  "gradient_accumulation_steps": 1,
+  "seed": 0,
+  "fp16": true
+ },
+ "fingerprint": {
+  "base": {},
+  "data": {},
+  "lora": {},
+  "training": {}
+ },
+ "skipped_steps": 1,
+ "grad_scaler": {
+  "scale": 32768.0,
+  "growth_factor": 2.0,
+  "backoff_factor": 0.5,
+  "growth_interval": 2000,
+  "_growth_tracker": 1
+ }
+}
+"""
+
+
+def test_trainer_state_reads_the_old_format_and_writes_it_byte_for_byte():
+    state = TrainerState.from_json(OLD_FP16_STATE)
+    assert (state.step, state.epoch, state.skipped_steps, state.grad_scaler["scale"]) == (2, 1, 1, 32768.0)
+    assert state.to_json() == OLD_FP16_STATE
+    plain = json.loads(OLD_FP16_STATE)  # no loss scaling, written before fingerprints: neither kind of key
+    for key in ("skipped_steps", "grad_scaler", "fingerprint"):
+        del plain[key]
+    text = json.dumps(plain, indent=1) + "\n"
+    state = TrainerState.from_json(text)
+    assert state.fingerprint is None and state.grad_scaler is None and state.to_json() == text
+    with pytest.raises(ResumeError, match=r"x.json: not a qopt trainer state \(expected an object with 'step'"):
+        TrainerState.from_json('{"losses": []}', "x.json")
+    with pytest.raises(ResumeError, match="x.json: not JSON"):
+        TrainerState.from_json("{", "x.json")
+
+
+def test_a_state_file_written_as_a_plain_dict_resumes(tmp_path, tiny_base, data, finished, capsys):
+    """The old train() wrote `json.dumps(state_dict, indent=1)`; such a file resumes, and the next save writes
+    the same keys in the same order."""
+    state_file = finished / "checkpoint" / TRAINER_STATE
+    old = json.loads(state_file.read_text())
+    assert list(old) == ["step", "epoch", "batches_in_epoch", "losses", "evals", "args", "fingerprint"]
+    state_file.write_text(json.dumps(old, indent=1) + "\n")
+    result = run(tiny_base, data, finished, max_steps=3)
+    assert result.resumed_from == 2 and result.losses[:2] == old["losses"] and len(result.losses) == 3
+    assert "resuming from step 2 of 3" in capsys.readouterr().out
+    new_text = state_file.read_text()
+    assert list(json.loads(new_text)) == list(old) and new_text == json.dumps(json.loads(new_text), indent=1) + "\n"
 
 
 def test_output_folder_is_checked_before_any_work(tmp_path, tiny_base, data, no_load, monkeypatch):

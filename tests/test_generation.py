@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import qopt
 from qopt.errors import GenerationError
 from qopt.generation.decoding import generate_text
-from qopt.generation.fastpath import decode_fast_paths, lean_4bit_forward, lean_int8_forward
+from qopt.generation.lean_forwards import decode_fast_paths, lean_4bit_forward, lean_int8_forward
 from qopt.generation.streamers import TextIteratorStreamer, TextStreamer, stream_generate
 from qopt.quant.config import QuantizationConfig
 from qopt.quant.modules import quantize_linear, quantize_model

@@ -80,6 +80,16 @@ def test_config_dict_equals_transformers(name):
     assert ours.bits == (8 if name == "int8" else 4) and ours.name == name
 
 
+def test_from_bits_is_the_preset_of_a_width():
+    """What the planners build from --bits / --quant-type / --double-quant."""
+    assert QuantizationConfig.from_bits(16) is None
+    assert QuantizationConfig.from_bits(8) == QuantizationConfig.from_name("int8")
+    assert QuantizationConfig.from_bits(4, "fp4", double_quant=True) == QuantizationConfig.from_name("fp4-dq")
+    assert QuantizationConfig.from_bits(4, compute_dtype=torch.float16).bnb_4bit_compute_dtype == torch.float16
+    with pytest.raises(ValueError, match="bits must be 4, 8 or 16, got 3"):
+        QuantizationConfig.from_bits(3)
+
+
 def test_config_keeps_unknown_and_mixed_precision_keys():
     data = {**QuantizationConfig.from_name("nf4").to_dict(), "qopt_module_bits": {"model.decoder.layers.0.fc1": 8},
             "qopt_method": "gptq"}

@@ -10,10 +10,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..place.strategies import STRATEGIES
 from ..quant.presets import PRESETS
 
 DEFAULT_MODEL_HELP = "checkpoint folder or Hub id such as facebook/opt-125m (default: the bundled model)"
-DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential", "cpu", "cuda", "cuda:N")
+DEVICE_MAPS = (*STRATEGIES, "cpu", "cuda", "cuda:N")
 DTYPE_NAMES = ("auto", "bfloat16", "float16", "float32")
 
 
@@ -121,7 +122,7 @@ def generation_budget(args: argparse.Namespace, where: dict[str, Any], model: st
                       batch: int = 1) -> dict[str, int]:
     """`qopt.load`'s `context` / `batch` for a planned map (`where`: from `placement`): --context, else what the
     command needs, capped at the model's positions; nothing for a single device, which plans nothing."""
-    if where["device_map"] not in DEVICE_MAPS[:4]:
+    if where["device_map"] not in STRATEGIES:
         return {}
     if args.context is not None:
         return {"context": args.context, "batch": batch}

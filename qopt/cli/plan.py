@@ -5,6 +5,7 @@ import argparse
 import os
 import sys
 
+from ..place.strategies import STRATEGIES
 from .common import add_checkpointing, add_hub, add_parser, checkpointing
 
 
@@ -24,7 +25,7 @@ def add(sub: argparse._SubParsersAction) -> None:
                    "model's positions where it has fewer)")
     p.add_argument("--batch", type=int, help="sequences decoded at once (default 1; --finetune: rows per step, "
                    "default 4)")
-    p.add_argument("--strategy", choices=("auto", "balanced", "balanced_low_0", "sequential"), default="auto",
+    p.add_argument("--strategy", choices=STRATEGIES, default="auto",
                    help="how layers spread over the GPUs (accelerate's device-map strategies)")
     add_hub(p)
     p.add_argument("--read-bandwidth", metavar="RATE",
@@ -108,16 +109,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    from ..finetuning.plan import plan_finetune
+    from ..finetuning.lora import LoraConfig
+    from ..finetuning.plan import machine_preset, plan_from_configs
+    from ..finetuning.trainer import TrainingArguments
+    from ..quant.config import QuantizationConfig
 
     if args.gpu and len(args.gpu) > 1:
         raise ValueError("--finetune plans one device per process: give one --gpu")
     targets = "all-linear" if args.target_modules == ["all-linear"] else args.target_modules
-    result = plan_finetune(args.model, machine=args.machine, gpu=args.gpu[0] if args.gpu else None, host=args.cpu,
-                           bits=args.bits, quant_type=args.quant_type, double_quant=args.double_quant, r=args.r,
-                           target_modules=targets, lora_dropout=args.lora_dropout, optimizer=args.optimizer,
-                           batch=args.batch or 4, seq=args.seq,
-                           gradient_checkpointing=checkpointing(args),
-                           compute_dtype=args.compute_dtype, load_dtype=args.dtype, shard_size=args.shard_size)
+    result = plan_from_configs(
+        args.model, machine_preset(args.machine, args.gpu[0] if args.gpu else None, args.cpu),
+        QuantizationConfig.from_bits(args.bits, args.quant_type, args.double_quant),
+        LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=args.lora_dropout, target_modules=targets),
+        TrainingArguments(output_dir="", optimizer=args.optimizer, batch_size=args.batch or 4), seq=args.seq,
+        gradient_checkpointing=checkpointing(args), compute_dtype=args.compute_dtype, load_dtype=args.dtype,
+        shard_size=args.shard_size)
     print(result.format())
     return 0 if result.fits else 1

@@ -23,7 +23,7 @@ from ..finetuning import lora as _lora
 from ..finetuning.adapters import load_adapter
 from ..finetuning.lora import MergeReport, adapter_set, disable_adapters
 from ..finetuning.merge import MergeQuality, merge_into_float
-from ..finetuning.trainer import CHECKPOINT_DIR, TRAINER_STATE
+from ..finetuning.resume import CHECKPOINT_DIR, TRAINER_STATE
 from ..io.outputs import check_output_folder
 from ..loading.loader import AUXILIARY_FILES, load
 from ..loading.saving import save_model

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..bundled import bundled_model_dir
+from ..bundled import BUNDLED, bundled_model_dir
 from ..io.atomic import atomic_write_text
 from ..utils import FLOAT_DTYPES
 from .precisions import UNQUANTIZED_NAMES, split_calibrated
@@ -22,9 +22,6 @@ UNQUANTIZED = {name: FLOAT_DTYPES[name] for name in UNQUANTIZED_NAMES}  # precis
 
 
 # -- the comparison ------------------------------------------------------------------------------------------
-BUNDLED = "bundled"
-
-
 def model_label(model_path: str | os.PathLike) -> str:
     """How a baseline names its model: "bundled" for the model that ships with qopt, else the path given."""
     path = Path(model_path)

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import bitsandbytes as bnb
 import torch
 from torch import nn
 
@@ -208,7 +209,7 @@ def task_type_of(model: nn.Module) -> str | None:
     return TASK_TYPES.get(type(model).__name__)
 
 
-def _matches(name: str, patterns: list[str] | str) -> bool:
+def _matches_peft_rule(name: str, patterns: list[str] | str) -> bool:
     """PEFT's rule: a string is a regex the whole name must match; a list entry matches the name or its suffix."""
     if isinstance(patterns, str):
         return re.fullmatch(patterns, name) is not None
@@ -237,13 +238,13 @@ def resolve_target_modules(model: nn.Module, config: LoraConfig) -> list[str]:
     if config.target_modules == ALL_LINEAR:
         found = [n for n in linears if decoder_layer_index(n) is not None]
     else:
-        found = [n for n in linears if _matches(n, config.target_modules)]
+        found = [n for n in linears if _matches_peft_rule(n, config.target_modules)]
         if isinstance(config.target_modules, list):
-            unknown = [t for t in config.target_modules if not any(_matches(n, [t]) for n in linears)]
+            unknown = [t for t in config.target_modules if not any(_matches_peft_rule(n, [t]) for n in linears)]
             if unknown:
                 raise AdapterError(f"target_modules {unknown} match no Linear module of {type(model).__name__} "
                                    f"(its Linear modules end in {sorted({n.rsplit('.', 1)[-1] for n in linears})})")
-    found = [n for n in found if not _matches(n, saved)]
+    found = [n for n in found if not _matches_peft_rule(n, saved)]
     if not found:
         raise AdapterError(f"target_modules {config.target_modules!r} match no Linear module of "
                            f"{type(model).__name__}")
@@ -271,7 +272,7 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 def adapter_set(model: nn.Module) -> AdapterSet:
     found = getattr(model, "lora_adapters", None)
     if found is None:
-        raise AdapterError(f"{type(model).__name__} has no LoRA adapters (call qopt.lora.add_lora first)")
+        raise AdapterError(f"{type(model).__name__} has no LoRA adapters (call qopt.add_lora first)")
     return found
 
 
@@ -312,7 +313,7 @@ def add_lora(model: nn.Module, config: LoraConfig | None = None, adapter_name: s
             _replace(model, name, module)
         module.add_adapter(adapter_name, config, dtype, initialise)
     for name, module in list(_base_modules(model)):
-        if name and config.modules_to_save and _matches(name, config.modules_to_save) \
+        if name and config.modules_to_save and _matches_peft_rule(name, config.modules_to_save) \
                 and not isinstance(module, LoraLinear) and ".base_layer" not in name:
             if not isinstance(module, ModulesToSave):
                 module = ModulesToSave(module)
@@ -485,7 +486,7 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit weights count as the parameters they hold, not bytes."""
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel() * 2 if type(p).__name__ == "Params4bit" else p.numel()  # two 4-bit values per byte
+        n = p.numel() * 2 if isinstance(p, bnb.nn.Params4bit) else p.numel()  # two 4-bit values per byte
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total

@@ -28,7 +28,7 @@ from ..quant.config import QuantizationConfig
 from ..quant.modules import is_quantized
 from ..utils import DTYPES, format_bytes, parse_size
 from .lora import LoraConfig, add_lora, lora_layers, short_target_names
-from .trainer import OPTIMIZERS
+from .trainer import OPTIMIZERS, TrainingArguments
 
 GiB = 2**30
 HUB_SHARD_BYTES = 10 * 10**9  # the facebook/opt-* checkpoints are fp16 .bin shards of at most 10 GB
@@ -103,7 +103,7 @@ class Sizes:
         return self.weights + self.lora + self.grads + self.optimizer + self.peak_activations + self.runtime
 
 
-@dataclass
+@dataclass(kw_only=True)
 class FinetunePlan:
     """A fine-tune's memory on its machine: the training device, and the host RAM during the load."""
 
@@ -296,10 +296,35 @@ def plan_finetune(source: OPTConfig | str | os.PathLike, *, machine: Machine | s
                   shard_size: int | str | None = None, half_head: bool = True,
                   fused_loss: bool = True) -> FinetunePlan:
     """The memory a `qopt.finetune` run needs on `machine` (a preset name, with `gpu` / `host` sizes overriding
-    it), computed from a config (folder or size name) alone.
+    it), computed from a config (folder or size name) alone: `plan_from_configs` with its settings spelled as
+    keywords (LoRA alpha 2 r). `bits`, `quant_type`, `double_quant` make the `QuantizationConfig`; `r`,
+    `target_modules`, `lora_dropout` the `LoraConfig`; `optimizer` and `batch` the `TrainingArguments`.
+    """
+    box = machine if isinstance(machine, Machine) else machine_preset(machine, gpu, host)
+    if batch < 1 or seq < 1:
+        raise ValueError(f"batch and seq must be positive, got {batch} and {seq}")
+    lora = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=lora_dropout,
+                      target_modules=list(target_modules) if not isinstance(target_modules, str) else target_modules)
+    training = TrainingArguments(output_dir="", optimizer=optimizer, batch_size=batch)
+    return plan_from_configs(source, box, QuantizationConfig.from_bits(bits, quant_type, double_quant), lora,
+                             training, seq=seq, gradient_checkpointing=gradient_checkpointing,
+                             compute_dtype=compute_dtype, load_dtype=load_dtype, shard_size=shard_size,
+                             half_head=half_head, fused_loss=fused_loss)
 
-    `compute_dtype` defaults to bfloat16, or float16 on a GPU without bfloat16 (colab-t4); `load_dtype` is the
-    `torch_dtype` the base is loaded in (qopt finetune's default float32); it sets the dequantization buffers.
+
+def plan_from_configs(source: OPTConfig | str | os.PathLike, machine: Machine, quant: QuantizationConfig | None,
+                      lora: LoraConfig, training: TrainingArguments, *, seq: int = 256,
+                      gradient_checkpointing: bool | int | str = True,
+                      compute_dtype: torch.dtype | str | None = None, load_dtype: torch.dtype | str = torch.float32,
+                      shard_size: int | str | None = None, half_head: bool = True,
+                      fused_loss: bool = True) -> FinetunePlan:
+    """The memory of a fine-tune of `source` (a config, folder or size name) with these settings on `machine`,
+    before any weight is read: `quant` None for a 16-bit base; of `lora` the targets, rank and dropout count,
+    of `training` the optimizer and batch size; `seq` tokens per row.
+
+    `compute_dtype` (replacing `quant`'s) defaults to bfloat16, or float16 on a GPU without bfloat16 (colab-t4);
+    `load_dtype` is the `torch_dtype` the base is loaded in (qopt finetune's default float32); it sets the
+    dequantization buffers.
     `half_head`: a quantized base keeps its frozen tied head in the compute dtype, as `qopt.finetune` does;
     `fused_loss`: the loss is taken through the frozen head a chunk of tokens at a time, as it also does.
     `gradient_checkpointing="auto"` (qopt.finetune's default) recomputes only as many layers as keep the live
@@ -308,10 +333,9 @@ def plan_finetune(source: OPTConfig | str | os.PathLike, *, machine: Machine | s
     buys back recomputation. A number checkpoints that many layers, from the first.
     """
     config, label = config_for(source)
-    box = machine if isinstance(machine, Machine) else machine_preset(machine, gpu, host)
-    if bits not in (4, 8, 16):
-        raise ValueError(f"bits must be 4, 8 or 16, got {bits}")
-    if batch < 1 or seq < 1:
+    box, batch, optimizer = machine, training.batch_size, training.optimizer
+    r, lora_dropout = lora.r, lora.lora_dropout
+    if seq < 1:
         raise ValueError(f"batch and seq must be positive, got {batch} and {seq}")
     if seq > config.max_position_embeddings:
         raise ValueError(f"seq {seq} exceeds {label}'s max_position_embeddings ({config.max_position_embeddings})")
@@ -320,12 +344,9 @@ def plan_finetune(source: OPTConfig | str | os.PathLike, *, machine: Machine | s
     load = _dtype(load_dtype, "load_dtype")
     if compute == torch.bfloat16 and not box.bf16:
         raise ValueError(f"compute_dtype bfloat16: the {box.name} GPU has no bfloat16 arithmetic; use float16")
-    quant = None if bits == 16 else QuantizationConfig(
-        load_in_8bit=bits == 8, load_in_4bit=bits == 4, bnb_4bit_quant_type=quant_type,
-        bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute)
+    if quant is not None and quant.bnb_4bit_compute_dtype != compute:
+        quant = replace(quant, bnb_4bit_compute_dtype=compute)
     model = meta_model(config, quant)
-    lora = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=lora_dropout,
-                      target_modules=list(target_modules) if not isinstance(target_modules, str) else target_modules)
     # the weights as training holds them: quantized linears as the loader sizes them, the rest fp32 for QLoRA
     # (prepare_for_kbit_training) or the load dtype for a 16-bit base
     residual = torch.float32 if quant is not None else load
@@ -342,7 +363,7 @@ def plan_finetune(source: OPTConfig | str | os.PathLike, *, machine: Machine | s
     cuda = box.device == "cuda"
     linear_fp32 = 4 * sum(quantized)
     load_heap = 0 if cuda else int(CPU_HEAP_LOAD * linear_fp32)
-    add_lora(model, lora, dtype=torch.float32)
+    add_lora(model, replace(lora), dtype=torch.float32)  # a copy: add_lora fills in the config it is given
     layers = dict(lora_layers(model))
     shapes = [p.numel() for p in model.parameters() if p.requires_grad]
     trainable = sum(shapes)
@@ -361,10 +382,9 @@ def plan_finetune(source: OPTConfig | str | os.PathLike, *, machine: Machine | s
                      runtime)
 
     if gradient_checkpointing == "auto":
-        standard = plan_finetune(config, machine=box, bits=bits, quant_type=quant_type, double_quant=double_quant,
-                                 r=r, target_modules=target_modules, lora_dropout=lora_dropout, optimizer=optimizer,
-                                 batch=batch, seq=seq, gradient_checkpointing=True, compute_dtype=compute,
-                                 load_dtype=load, shard_size=shard_size, half_head=False, fused_loss=False)
+        standard = plan_from_configs(config, box, quant, lora, training, seq=seq, gradient_checkpointing=True,
+                                     compute_dtype=compute, load_dtype=load, shard_size=shard_size,
+                                     half_head=False, fused_loss=False)
         live = lambda sized: sized.total - sized.runtime  # noqa: E731  (what the tensors themselves hold)
         budget = live(standard.sizes)
         checkpointed = next((k for k in range(depth + 1) if live(sizes(batch, seq, k)) <= budget), depth)
@@ -388,16 +408,16 @@ def plan_finetune(source: OPTConfig | str | os.PathLike, *, machine: Machine | s
         host["retained heap (glibc)"] = load_heap
     limit = box.gpu_bytes if cuda else box.host_bytes
     fits = lambda b, s: sizes(b, s, checkpointed).total <= limit  # noqa: E731
-    plan = FinetunePlan(label, box, quant.name if quant else f"16-bit ({str(load).removeprefix('torch.')})",
-                        compute, optimizer, r, short_target_names(list(layers)), len(layers), trainable, batch, seq,
-                        gradient_checkpointing, checkpointed, chosen,
-                        sizes(batch, seq, 0 if gradient_checkpointing else depth).activations,
-                        half_head, host)
-    plan.decoder_layers = depth
-    plan.kept_without_checkpointing = activation_peak(shape, batch, seq, 0)[0]
-    plan.largest_batch = largest_fitting(lambda b: fits(b, seq), 1 << 16)
-    plan.largest_seq = largest_fitting(lambda s: fits(batch, s), config.max_position_embeddings)
-    return plan
+    return FinetunePlan(
+        label=label, machine=box, quantization=quant.name if quant else f"16-bit ({str(load).removeprefix('torch.')})",
+        compute_dtype=compute, optimizer=optimizer, r=r, targets=short_target_names(list(layers)),
+        lora_layers=len(layers), trainable=trainable, batch=batch, seq=seq,
+        gradient_checkpointing=gradient_checkpointing, checkpointed_layers=checkpointed, sizes=chosen,
+        other_activations=sizes(batch, seq, 0 if gradient_checkpointing else depth).activations,
+        half_head=half_head, host_load=host, decoder_layers=depth,
+        kept_without_checkpointing=activation_peak(shape, batch, seq, 0)[0],
+        largest_batch=largest_fitting(lambda b: fits(b, seq), 1 << 16),
+        largest_seq=largest_fitting(lambda s: fits(batch, s), config.max_position_embeddings))
 
 
 def largest_fitting(fits: Any, upper: int) -> int:

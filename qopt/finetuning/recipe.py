@@ -22,9 +22,9 @@ from ..model.tokenizer import tokenizer_for
 from ..place.ranks import check_one_device_per_rank
 from ..quant.config import QuantizationConfig
 from .data import classification_dataset, lm_dataset
-from .fastpath import auto_checkpointing, fast_path
 from .fingerprint import base_fingerprint, data_fingerprint, run_fingerprint
 from .lora import LoraConfig, add_lora
+from .step_speedups import auto_checkpointing, fast_path
 from .trainer import TrainingArguments, TrainResult, finished_run, train
 
 
@@ -131,7 +131,7 @@ def finetune(model_path: str | Path, data: str | Path, args: TrainingArguments, 
         enable_input_require_grads(model)
         model.gradient_checkpointing_enable()
     add_lora(model, lora, dtype=adapter_dtype)
-    fast_path(model, half_head=bool(quantization and half_head))  # finetuning/fastpath.py
+    fast_path(model, half_head=bool(quantization and half_head))  # finetuning/step_speedups.py
     if gradient_checkpointing == "auto" and task == "causal-lm":
         model.gradient_checkpointing_enable(layers=auto_checkpointing(model, lora, args.batch_size, length,
                                                                       args.optimizer))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import resource
 import shutil
 import time
@@ -23,26 +22,24 @@ from pathlib import Path
 from typing import Any
 
 import bitsandbytes as bnb
-import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..errors import AdapterError, ResumeError
-from ..io.atomic import atomic_write_text, publish_folder, staging_folder
+from ..errors import AdapterError
+from ..io.atomic import atomic_write_text
 from ..io.outputs import check_output_folder
+from ..quant.modules import bits_of
 from ..utils import format_bytes
-from .adapters import (adapter_state_dict, load_adapter_state_dict, read_adapter_weights, save_adapter,
-                       write_adapter_files)
-from .fingerprint import base_fingerprint, differences, run_fingerprint
+from .adapters import save_adapter
+from .fingerprint import base_fingerprint, run_fingerprint
 from .lora import adapter_set, trainable_parameters
+from .resume import CHECKPOINT_DIR, TrainerState, check_resume, load_checkpoint, save_checkpoint, set_rng_state
 
 logger = logging.getLogger(__name__)
-CHECKPOINT_DIR = "checkpoint"
-TRAINER_STATE = "trainer_state.json"
 TRAINING_LOG = "training_log.json"
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 SCHEDULES = ("linear", "cosine", "constant")
@@ -158,7 +155,7 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
     was_training = model.training
     model.eval()
     for module in model.modules():
-        if type(module).__name__ == "Linear4bit":
+        if bits_of(module) == 4:
             module.training = True
     try:
         with torch.no_grad():
@@ -235,93 +232,15 @@ def _loader(dataset: Dataset, batch_size: int, order: list[int] | None = None, d
 
 
 # -- checkpoints --------------------------------------------------------------------------------------------
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    try:
-        state["numpy"] = np.random.get_state()
-    except ImportError:
-        pass
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "numpy" in state:
-        np.random.set_state(state["numpy"])
-
-
-def save_checkpoint(folder: Path, accelerator: Accelerator, model: nn.Module, optimizer: Any,
-                    scheduler: Any, state: dict[str, Any]) -> None:
-    """Everything a run needs to continue exactly; written by the main process, swapped in whole."""
-    rng_states = gather_object([_rng_state()])  # one per process, in process order
-    if accelerator.is_main_process:
-        adapters = adapter_set(model)
-        tmp = staging_folder(folder)
-        write_adapter_files(tmp, adapters.configs[adapters.active], adapter_state_dict(model))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_states, tmp / "rng_state.pt")
-        atomic_write_text(tmp / TRAINER_STATE, json.dumps(state, indent=1) + "\n")
-        publish_folder(tmp, folder)
-    accelerator.wait_for_everyone()
-
-
-def load_checkpoint(folder: Path, accelerator: Accelerator, model: nn.Module, optimizer: Any,
-                    scheduler: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Restore adapter, optimizer and scheduler; returns the trainer state and this process's RNG state."""
-    state = json.loads((folder / TRAINER_STATE).read_text())
-    weights, file = read_adapter_weights(folder)
-    load_adapter_state_dict(model, adapter_set(model).active, weights, str(file))
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
-    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-    rng_states = torch.load(folder / "rng_state.pt", weights_only=False)  # our own file: python / numpy tuples
-    if len(rng_states) != accelerator.num_processes:
-        logger.warning("%s: saved by %d processes, resuming with %d: RNG streams restart from the seed",
-                       folder, len(rng_states), accelerator.num_processes)
-        return state, None
-    return state, rng_states[accelerator.process_index]
-
-
-def _check_same_data_order(saved: dict[str, Any], args: TrainingArguments, folder: Path) -> None:
-    """The saved data position only means the same batches under the same seed and batch shape (checked on
-    checkpoints of every age: their saved arguments predate fingerprints)."""
-    for name in ("seed", "batch_size", "gradient_accumulation_steps"):
-        if saved.get(name) != getattr(args, name):
-            raise ResumeError(f"{folder}: the checkpoint was written with {name}={saved.get(name)}, this run has "
-                              f"{getattr(args, name)}; resume with the same value or start over "
-                              f"({ResumeError.PLACEHOLDER})", "resume=False")
-
-
-def check_resume(output: Path, fingerprint: dict[str, Any], args: TrainingArguments) -> dict[str, Any] | None:
-    """The saved trainer state this run continues (None: no checkpoint, or resume=False); a ResumeError that
-    says what changed when the checkpoint belongs to another run (see `qopt.finetuning.fingerprint`)."""
-    file = output / CHECKPOINT_DIR / TRAINER_STATE
-    if not args.resume or not file.exists():
-        return None
-    saved = json.loads(file.read_text())
-    _check_same_data_order(saved["args"], args, file.parent)
-    changes = differences(saved["fingerprint"], fingerprint) if "fingerprint" in saved else []
-    if changes:
-        raise ResumeError(f"{file.parent}: a different run: {'; '.join(changes)}; rerun with the same data and "
-                          f"settings, choose another output folder, or start over ({ResumeError.PLACEHOLDER})",
-                          "resume=False")
-    return saved
-
-
 def finished_run(output: Path, fingerprint: dict[str, Any], args: TrainingArguments,
                  is_main_process: bool = True) -> TrainResult | None:
     """The logged result when `output` holds this run finished (max_steps reached), so nothing is redone."""
     saved = check_resume(output, fingerprint, args)
     log = output / TRAINING_LOG
-    if saved is None or saved["step"] < args.max_steps or not log.exists():
+    if saved is None or saved.step < args.max_steps or not log.exists():
         return None
     data = json.loads(log.read_text())
-    if data.get("steps") != saved["step"]:  # the log of an earlier, shorter run: the final save was cut short
+    if data.get("steps") != saved.step:  # the log of an earlier, shorter run: the final save was cut short
         return None
     result = TrainResult(**{f.name: data[f.name] for f in fields(TrainResult) if f.name in data})
     logger.info("%s: already done (step %d of %d)", output, result.steps, result.steps)
@@ -343,17 +262,40 @@ def model_fingerprint(model: nn.Module, args: TrainingArguments) -> dict[str, An
 
 
 # -- the loop -----------------------------------------------------------------------------------------------
-def train(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, args: TrainingArguments,
-          on_step: Callable[[int, float], None] | None = None, fingerprint: dict[str, Any] | None = None
-          ) -> TrainResult:
-    """Train the active LoRA adapter of `model`; the adapter is saved to output_dir in PEFT's format.
+@dataclass
+class _Run:
+    """One call of `train`: what it set up, and the counters its steps advance."""
 
-    A checkpoint in output_dir is resumed only under the same `fingerprint` (default: one made from the model
-    and `args`; `qopt.finetune` adds the data files); a finished run returns its logged result untrained.
-    """
-    adapters = adapter_set(model)
-    if adapters.active is None:
-        raise AdapterError("no active adapter to train (add one with qopt.lora.add_lora)")
+    args: TrainingArguments
+    model: nn.Module
+    wrapped: nn.Module  # the model as the Accelerator wrapped it (the one that runs forward)
+    accelerator: Accelerator
+    params: list[nn.Parameter]
+    optimizer: Any
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    state: TrainerState
+    eval_loader: DataLoader | None
+    bar: Any
+    resumed_from: int | None
+    trainable: int
+    total: int
+    on_step: Callable[[int, float], None] | None
+    micro: int = 0  # micro-batches seen by this call
+    step_loss: float = 0.0  # this update's loss so far (mean over its micro-batches)
+    tokens: int = 0
+    start: float = 0.0
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.args.output_dir) / CHECKPOINT_DIR
+
+
+def _start_or_resume(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, args: TrainingArguments,
+                     on_step: Callable[[int, float], None] | None, fingerprint: dict[str, Any] | None
+                     ) -> _Run | TrainResult:
+    """Set up the optimizer, scheduler, loss scaler and data, then restore the checkpoint this run continues;
+    a finished run's logged result instead when output_dir holds one."""
     check_output_folder(args.output_dir, adapter=True)  # before any training: a bad folder fails now
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     set_seed(args.seed, device_specific=True)
@@ -373,8 +315,7 @@ def train(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, args: 
                          f"per process ({accelerator.num_processes} processes)")
 
     fingerprint = fingerprint or model_fingerprint(model, args)
-    state: dict[str, Any] = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "losses": [], "evals": [],
-                             "args": asdict(args), "fingerprint": fingerprint}
+    state = TrainerState(args=asdict(args), fingerprint=fingerprint)
     resumed_from, rng = None, None
     checkpoint_dir = output / CHECKPOINT_DIR
     if accelerator.is_main_process:  # staging folders a killed save left behind; the published copy is intact
@@ -386,95 +327,133 @@ def train(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, args: 
         if finished is not None:
             return finished
         state, rng = load_checkpoint(checkpoint_dir, accelerator, model, optimizer, scheduler)
-        state["fingerprint"] = fingerprint  # a checkpoint from before fingerprints gets one at its next save
-        resumed_from = state["step"]
-        unchecked = "" if "fingerprint" in saved else \
+        state.fingerprint = fingerprint  # a checkpoint from before fingerprints gets one at its next save
+        resumed_from = state.step
+        unchecked = "" if saved.fingerprint is not None else \
             " (the checkpoint has no fingerprint, written by an older qopt: its data and settings are not checked)"
         if accelerator.is_main_process:
             print(f"resuming from step {resumed_from} of {args.max_steps}{unchecked}", flush=True)
         logger.info("resuming from %s at step %d", checkpoint_dir, resumed_from)
     if rng is not None:
-        _set_rng_state(rng)
+        set_rng_state(rng)
     scaler = make_grad_scaler(args, accelerator.device.type)
-    if "grad_scaler" in state:  # fp16: the loss scale a resumed run continues from
-        scaler.load_state_dict(state["grad_scaler"])
+    if state.grad_scaler is not None:  # fp16: the loss scale a resumed run continues from
+        scaler.load_state_dict(state.grad_scaler)
 
-    bar = tqdm(total=args.max_steps, initial=state["step"], desc="Fine-tuning", unit="step",
+    bar = tqdm(total=args.max_steps, initial=state.step, desc="Fine-tuning", unit="step",
                disable=not (args.progress and accelerator.is_local_main_process))
+    return _Run(args, model, wrapped, accelerator, params, optimizer, scheduler, scaler, state, eval_loader, bar,
+                resumed_from, trainable, total, on_step)
 
-    def run_eval() -> None:
-        result = {"step": state["step"], **evaluate(wrapped, eval_loader, accelerator, autocast_dtype(args),
-                                                    args.eval_batches)}
-        state["evals"].append(result)
-        if accelerator.is_main_process:
-            bar.write("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
 
-    if accelerator.is_main_process and args.progress:
-        bar.write(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(1, total):.2f}%), "
-                  f"{accelerator.num_processes} process(es) on {accelerator.device.type}")
-    if eval_loader is not None and state["step"] == 0:
-        run_eval()  # the starting point, so the log shows what training changed
-    accum, micro, step_loss, tokens, start = args.gradient_accumulation_steps, 0, 0.0, 0, time.perf_counter()
-    wrapped.train()
-    while state["step"] < args.max_steps:
-        loader = _epoch_loader(train_set, args, state["epoch"], accelerator)
-        if state["batches_in_epoch"]:
-            loader = accelerator.skip_first_batches(loader, state["batches_in_epoch"])
-        for batch in loader:
-            micro += 1
-            state["batches_in_epoch"] += 1
-            syncing = micro % accum == 0
-            with accelerator.no_sync(wrapped) if not syncing else nullcontext():
-                with _autocast(accelerator, autocast_dtype(args)):
-                    loss = wrapped(**batch).loss
-                accelerator.backward(scaler.scale(loss / accum))
-            step_loss += loss.item() / accum
-            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-            if not syncing:
-                continue
-            scaler.unscale_(optimizer)  # clipping sees true gradients
-            if args.max_grad_norm:
-                accelerator.clip_grad_norm_(params, args.max_grad_norm)
-            scale = scaler.get_scale()
-            scaler.step(optimizer)  # skipped when a gradient is inf / NaN
-            scaler.update()
-            if scaler.is_enabled():
-                state["skipped_steps"] = state.get("skipped_steps", 0) + (scaler.get_scale() < scale)
-                state["grad_scaler"] = scaler.state_dict()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            mean_loss = accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "mean").item()
-            state["step"] += 1
-            state["losses"].append(mean_loss)
-            step_loss = 0.0
-            rate = tokens * accelerator.num_processes / max(time.perf_counter() - start, 1e-9)
-            bar.update(1)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{rate:,.0f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            step = state["step"]
-            if eval_loader is not None and (step == args.max_steps or args.eval_steps and step % args.eval_steps == 0):
-                run_eval()
-            if step == args.max_steps or args.save_steps and step % args.save_steps == 0:
-                save_checkpoint(checkpoint_dir, accelerator, model, optimizer, scheduler, state)
-            if on_step is not None:
-                on_step(step, mean_loss)
-            if step >= args.max_steps:
-                break
-        else:
-            state["epoch"] += 1
-            state["batches_in_epoch"] = 0
-    bar.close()
-    seconds = time.perf_counter() - start
+def _run_eval(run: _Run) -> None:
+    result = {"step": run.state.step, **evaluate(run.wrapped, run.eval_loader, run.accelerator,
+                                                 autocast_dtype(run.args), run.args.eval_batches)}
+    run.state.evals.append(result)
+    if run.accelerator.is_main_process:
+        run.bar.write("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+
+
+def _step(run: _Run, batch: dict[str, torch.Tensor]) -> bool:
+    """Forward and backward one micro-batch; on the last of an update, clip, step the optimizer and scheduler
+    and record the update's loss. True when an update was made."""
+    args, accelerator, state, scaler = run.args, run.accelerator, run.state, run.scaler
+    accum = args.gradient_accumulation_steps
+    run.micro += 1
+    state.batches_in_epoch += 1
+    syncing = run.micro % accum == 0
+    with accelerator.no_sync(run.wrapped) if not syncing else nullcontext():
+        with _autocast(accelerator, autocast_dtype(args)):
+            loss = run.wrapped(**batch).loss
+        accelerator.backward(scaler.scale(loss / accum))
+    run.step_loss += loss.item() / accum
+    run.tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+    if not syncing:
+        return False
+    scaler.unscale_(run.optimizer)  # clipping sees true gradients
+    if args.max_grad_norm:
+        accelerator.clip_grad_norm_(run.params, args.max_grad_norm)
+    scale = scaler.get_scale()
+    scaler.step(run.optimizer)  # skipped when a gradient is inf / NaN
+    scaler.update()
+    if scaler.is_enabled():
+        state.skipped_steps += scaler.get_scale() < scale
+        state.grad_scaler = scaler.state_dict()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    mean_loss = accelerator.reduce(torch.tensor(run.step_loss, device=accelerator.device), "mean").item()
+    state.step += 1
+    state.losses.append(mean_loss)
+    run.step_loss = 0.0
+    return True
+
+
+def _after_step(run: _Run) -> None:
+    """Progress, then the evaluation, checkpoint and callback due at this step."""
+    args, step, mean_loss = run.args, run.state.step, run.state.losses[-1]
+    rate = run.tokens * run.accelerator.num_processes / max(time.perf_counter() - run.start, 1e-9)
+    run.bar.update(1)
+    run.bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{rate:,.0f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}")
+    if run.eval_loader is not None and (step == args.max_steps or args.eval_steps and step % args.eval_steps == 0):
+        _run_eval(run)
+    if step == args.max_steps or args.save_steps and step % args.save_steps == 0:
+        save_checkpoint(run.checkpoint_dir, run.accelerator, run.model, run.optimizer, run.scheduler, run.state)
+    if run.on_step is not None:
+        run.on_step(step, mean_loss)
+
+
+def _finish(run: _Run) -> TrainResult:
+    """The result, with the adapter and the training log written to output_dir."""
+    run.bar.close()
+    accelerator, state, output = run.accelerator, run.state, Path(run.args.output_dir)
+    seconds = time.perf_counter() - run.start
     result = TrainResult(
-        steps=state["step"], losses=state["losses"], evals=state["evals"], trainable_parameters=trainable,
-        total_parameters=total, tokens_per_second=tokens * accelerator.num_processes / max(seconds, 1e-9),
+        steps=state.step, losses=state.losses, evals=state.evals, trainable_parameters=run.trainable,
+        total_parameters=run.total, tokens_per_second=run.tokens * accelerator.num_processes / max(seconds, 1e-9),
         seconds=seconds, peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         cuda_peak_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
-        resumed_from=resumed_from, output_dir=str(output), processes=accelerator.num_processes,
-        is_main_process=accelerator.is_main_process, recomputed_layers=_recomputed(model),
-        already_done=resumed_from is not None and resumed_from >= args.max_steps,
-        skipped_steps=state.get("skipped_steps", 0))
+        resumed_from=run.resumed_from, output_dir=str(output), processes=accelerator.num_processes,
+        is_main_process=accelerator.is_main_process, recomputed_layers=_recomputed(run.model),
+        already_done=run.resumed_from is not None and run.resumed_from >= run.args.max_steps,
+        skipped_steps=state.skipped_steps)
     if accelerator.is_main_process:
-        save_adapter(model, output)
+        save_adapter(run.model, output)
         atomic_write_text(output / TRAINING_LOG, json.dumps(asdict(result), indent=1) + "\n")
     accelerator.wait_for_everyone()
     return result
+
+
+def train(model: nn.Module, train_set: Dataset, eval_set: Dataset | None, args: TrainingArguments,
+          on_step: Callable[[int, float], None] | None = None, fingerprint: dict[str, Any] | None = None
+          ) -> TrainResult:
+    """Train the active LoRA adapter of `model`; the adapter is saved to output_dir in PEFT's format.
+
+    A checkpoint in output_dir is resumed only under the same `fingerprint` (default: one made from the model
+    and `args`; `qopt.finetune` adds the data files); a finished run returns its logged result untrained.
+    """
+    if adapter_set(model).active is None:
+        raise AdapterError("no active adapter to train (add one with qopt.add_lora)")
+    run = _start_or_resume(model, train_set, eval_set, args, on_step, fingerprint)
+    if isinstance(run, TrainResult):
+        return run
+    if run.accelerator.is_main_process and args.progress:
+        run.bar.write(f"trainable parameters: {run.trainable:,} of {run.total:,} "
+                      f"({100 * run.trainable / max(1, run.total):.2f}%), "
+                      f"{run.accelerator.num_processes} process(es) on {run.accelerator.device.type}")
+    if run.eval_loader is not None and run.state.step == 0:
+        _run_eval(run)  # the starting point, so the log shows what training changed
+    run.start = time.perf_counter()
+    run.wrapped.train()
+    while run.state.step < args.max_steps:
+        loader = _epoch_loader(train_set, args, run.state.epoch, run.accelerator)
+        if run.state.batches_in_epoch:
+            loader = run.accelerator.skip_first_batches(loader, run.state.batches_in_epoch)
+        for batch in loader:
+            if _step(run, batch):
+                _after_step(run)
+                if run.state.step >= args.max_steps:
+                    break
+        else:
+            run.state.epoch += 1
+            run.state.batches_in_epoch = 0
+    return _finish(run)

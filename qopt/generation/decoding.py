@@ -5,7 +5,8 @@ multinomial sampling (temperature, top-k, top-p), repetition penalty, beam searc
 search (Su et al., 2022), end tokens, stop strings and streaming. It returns prompt + new tokens, rows that finished
 early padded with `pad_token_id`. As in gpt-fast, `DecodeState.prefill` runs the prompts once (the KV cache sized
 for prompt + max_new_tokens, each layer's buffer on that layer's device) and `DecodeState.decode_one_token` feeds
-one token per row; each strategy is a short loop over the two. `qopt.fastpath` trims the per-token overhead.
+one token per row; each strategy is a short loop over the two. `qopt.generation.lean_forwards` trims the
+per-token overhead.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from torch import nn
 from ..errors import GenerationError
 from ..model.cache import KVCache
 from ..model.network import input_device
-from .fastpath import decode_fast_paths
+from .lean_forwards import decode_fast_paths
 from .streamers import StopStrings, TextStreamer
 
 DEFAULT_NEW_TOKENS = 20  # transformers' default when neither max_new_tokens nor max_length is given

@@ -22,7 +22,7 @@ from ..errors import GenerationError
 from ..model.network import input_device
 from ..place.streaming import DEFAULT_PREFETCH_DEPTH, LayerStreamer
 from .decoding import DecodeState, GenerationConfig, _as_list, _check_prompt, _new_token_count, _Rows, process_scores
-from .fastpath import decode_fast_paths
+from .lean_forwards import decode_fast_paths
 
 
 @dataclass

@@ -60,10 +60,6 @@ class CheckpointFiles:
     tensors: dict[str, TensorInfo]  # empty for .bin (its shapes are only known after unpickling)
     metadata: dict[str, str]
 
-    @property
-    def largest_shard_bytes(self) -> int:
-        return max(f.stat().st_size for f in self.shards)
-
 
 def _load_json(text: str) -> Any:
     """json.loads that reports pathological nesting as the ValueError callers already handle."""

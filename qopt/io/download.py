@@ -38,7 +38,7 @@ class Cancelled(Exception):
 
 
 def _event(kind: str, index: int, name: str) -> None:
-    """One step of the stream, for logs and for tests that check the order of downloads and consumption."""
+    """One step of the downloads, for logs and for tests that check the order of downloads and consumption."""
     logger.debug("shard %d (%s): %s", index, name, kind, extra={"qopt_event": (kind, index)})
 
 
@@ -50,7 +50,7 @@ class _Job:
     delete_after: bool = False
 
 
-class ShardStream:
+class ShardDownloader:
     """Iterate to get each shard's local path in order; use as a context manager so that a failure or Ctrl-C
     stops the download thread and removes the scratch folder."""
 
@@ -76,7 +76,7 @@ class ShardStream:
         self._cancel = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> "ShardStream":
+    def __enter__(self) -> "ShardDownloader":
         if any(j.delete_after for j in self.jobs):
             self.scratch = Path(tempfile.mkdtemp(prefix="qopt-download-"))
             for job in self.jobs:

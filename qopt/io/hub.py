@@ -2,7 +2,7 @@
 huggingface_hub, from its cache when the cache holds it and from the Hub when downloads are allowed.
 
 Files only, no model knowledge. Resolving fetches metadata and the small files (config.json, the index, the
-tokenizer files) into the HF cache; the shards are fetched later, one after another, by `ShardStream`
+tokenizer files) into the HF cache; the shards are fetched later, one after another, by `ShardDownloader`
 (`qopt/io/download.py`) while the loader consumes them.
 
 huggingface_hub reads HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE, HF_TOKEN and HF_ENDPOINT once, when it is imported.
@@ -160,18 +160,18 @@ class ModelSource:
         remote = self.files[path.name]
         return parse_safetensors_header(path, remote_header(self, remote), remote.size or 0)
 
-    def stream(self, files: CheckpointFiles) -> Any:
+    def fetch_shards(self, files: CheckpointFiles) -> Any:
         """The shards of `files` in order, each one downloaded while the previous one is consumed."""
-        from .download import ShardStream
+        from .download import ShardDownloader
 
-        return ShardStream(self, files.shards)
+        return ShardDownloader(self, files.shards)
 
     def download(self) -> Path:
         """Every shard into the HF cache (nothing to do when all are there); returns the complete folder."""
         if self.is_hub and self.missing_shards():
-            from .download import ShardStream
+            from .download import ShardDownloader
 
-            with ShardStream(self, self.checkpoint().shards, keep_download=True) as shards:
+            with ShardDownloader(self, self.checkpoint().shards, keep_download=True) as shards:
                 for _ in shards:
                     pass
         return self.folder

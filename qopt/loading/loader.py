@@ -2,7 +2,7 @@
 
 The stages, each a plain function: read config.json and the shard headers -> build the model on the meta
 device with its quantized Linears swapped in as empty bitsandbytes modules -> place it
-(`planning.infer_device_map`, quantized sizes) -> stream the shards, quantizing each Linear weight as it
+(`place.device_map.infer_device_map`, quantized sizes) -> stream the shards, quantizing each Linear weight as it
 arrives and putting every tensor where the map says (CPU, GPU or the offload folder) -> attach the hooks that
 run layers on other devices or from disk. The full-precision model never exists in memory: peak host memory
 is about the quantized model plus the shard being read (its memory map is closed once it is consumed).
@@ -33,9 +33,10 @@ from ..place.offload import OFFLOAD_KINDS, HostStore, OffloadFolder, attach_disk
 from ..place.placement import GenerationBudget, computes_on_cpu, place, resolve_dtype
 from ..place.plan import DeviceMap, MemoryPlan
 from ..place.ranks import check_one_device_per_rank
-from ..place.sizes import format_bytes, meta_model, placed_bytes
+from ..place.sizes import meta_model, placed_bytes
 from ..quant.config import QuantizationConfig
 from ..quant.modules import bits_of, is_quantized, owning_module, quantize_weight, saved_keys, set_quantized_state
+from ..utils import format_bytes
 from .saving import save_model
 
 logger = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ def load(path: str | os.PathLike, *, quantization: Any = None, quantization_conf
     host = HostStore() if "host" in placement.values() else None
     shard_loader = _ShardLoader(model, files, quant, pre_quantized, dtype, placement, offload, path, host)
     try:
-        with source.stream(files) as shards, \
+        with source.fetch_shards(files) as shards, \
                 tqdm(total=shards.total_bytes, unit="B", unit_scale=True, desc="Loading", disable=not progress) as bar:
             for shard in shards:
                 bar.set_description(f"Loading {shard.name}")

@@ -17,7 +17,7 @@ from ..place.offload import offload_hooks
 
 def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The state dict as HF writes it: tied lm_head left out, quantized modules in the standard bitsandbytes
-    layout (the same bytes before and after a CPU repack, see `qopt.quantization.Linear4bit`), layers offloaded
+    layout (the same bytes before and after a CPU repack, see `qopt.quant.modules.Linear4bit`), layers offloaded
     to disk (or stored in host RAM) read back from where they live, plain tensors (no Params4bit / Int8Params)."""
     hooks = {name + ".": hook for name, hook in offload_hooks(model).items()}
     prefixes = tuple(hooks)

@@ -13,10 +13,9 @@ from typing import Any
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from ..bundled import bundled_tokenizer_dir
+from ..bundled import BUNDLED, bundled_tokenizer_dir
 from ..errors import TokenizerError
 
-BUNDLED = "bundled"
 _FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 
 

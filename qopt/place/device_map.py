@@ -15,8 +15,7 @@ from ..errors import PlanError
 from ..model.network import decoder_layer_index, is_decoder_layer
 from ..utils import parse_size
 from .sizes import NO_SPLIT, DeviceMap, sizing_view
-
-STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+from .strategies import STRATEGIES
 
 
 # -- device maps ----------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import errno
 import os
 import shutil
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +32,8 @@ from ..errors import PlanError
 from ..model.network import is_decoder_layer
 from ..quant.modules import (CPU_PACKED_KEYS, cpu_layout_needs, cpu_packed_tensors, is_quantized, owning_module,
                              set_cpu_packed_state, set_quantized_state)
+from ..utils import format_bytes
 from .offload_io import OffloadStore, packed_key
-from .sizes import format_bytes
 
 
 class OffloadFolder:
@@ -212,8 +212,3 @@ def offload_hooks(model: nn.Module) -> dict[str, RebuildOnForward]:
 def offloaded_tensors(model: nn.Module) -> Mapping[str, torch.Tensor]:
     """The offloaded tensors of a model loaded with disk offload (empty mapping otherwise)."""
     return getattr(model, "_qopt_offloaded", {})
-
-
-def iter_offloaded_modules(model: nn.Module) -> Iterator[str]:
-    """Names of the modules whose tensors live in the offload folder or in host RAM."""
-    yield from offload_hooks(model)

@@ -140,10 +140,6 @@ class OffloadStore(Mapping[str, torch.Tensor]):
                     keys.append(key)
         return keys + [key for key in packed if key.startswith(prefix)]
 
-    def layer_bytes(self, prefix: str) -> int:
-        """Bytes one rebuild of the module at `prefix` reads now."""
-        return sum(self.nbytes(key) for key in self.layer_keys(prefix))
-
     def buffer_bytes(self, keys: list[str]) -> int:
         """Size of a buffer that holds `keys` side by side (each aligned)."""
         return sum(_aligned(self.nbytes(key)) for key in keys)

@@ -19,7 +19,8 @@ from torch import nn
 from ..model.config import OPTConfig
 from ..model.network import LAYER_PREFIX, is_decoder_layer
 from ..utils import FLOAT_DTYPES
-from .device_map import STRATEGIES, host_placement, infer_device_map, normalize_max_memory
+from .device_map import host_placement, infer_device_map, normalize_max_memory
+from .strategies import STRATEGIES
 from .sizes import DeviceMap, activation_bytes, kv_cache_bytes_per_layer, sizing_view
 from .streaming import DEFAULT_PREFETCH_DEPTH
 

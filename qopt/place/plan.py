@@ -23,9 +23,10 @@ from ..model.network import LAYER_PREFIX, decoder_layer_index, is_decoder_layer
 from ..quant.config import QuantizationConfig
 from ..quant.modules import is_quantized
 from ..utils import format_bytes
-from .device_map import STRATEGIES, format_ranges, normalize_max_memory, summarize
+from .device_map import format_ranges, normalize_max_memory, summarize
 from .placement import GenerationBudget, computes_on_cpu, default_context, place, resolve_dtype
 from .sizes import DeviceMap, meta_model, sizing_view
+from .strategies import STRATEGIES
 
 logger = logging.getLogger(__name__)
 HOST_TO_GPU_BYTES_PER_S = 20e9  # pinned host -> GPU copies over PCIe 4.0 x16 (about 25 GB/s peak): an assumption
@@ -230,15 +231,13 @@ def plan(source: OPTConfig | str | os.PathLike, bits: int = 4, max_memory: dict[
     the checkpoint's). `stream_from_host`: the decoder layers planned for the CPU stay in its RAM but run on the
     GPU ("host")."""
     config, label = config_for(source)
-    if bits not in (4, 8, 16):
-        raise ValueError(f"bits must be 4, 8 or 16, got {bits}")
+    quant = QuantizationConfig.from_bits(bits, quant_type, double_quant)  # as `--bits` loads (bf16 compute)
     budget = GenerationBudget(default_context(config) if context is None else context, batch)
     budget.check(config, label)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
     memory = normalize_max_memory(max_memory)
     dtype = resolve_dtype(dtype, config, on_cpu=computes_on_cpu(strategy, memory))
-    quant = None if bits == 16 else QuantizationConfig.from_bits(bits, quant_type, double_quant)  # as `--bits` loads
     model = meta_model(config, quant)
     placement = place(model, dtype, strategy, memory, budget, stream_from_host, label)
     device_map = placement.device_map

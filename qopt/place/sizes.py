@@ -55,15 +55,6 @@ def sizing_view(model: nn.Module, dtype: torch.dtype, kv_bytes_per_layer: int = 
     return view
 
 
-def format_bytes(n: int | float) -> str:
-    """1536 -> "1.5 KiB": sizes in messages, in the unit that keeps them readable."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024:
-            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
 def placed_bytes(model: nn.Module, dtype: torch.dtype, device_map: DeviceMap, device: int | str) -> int:
     """Bytes of the weights `device_map` puts on `device` (quantized sizes), e.g. what disk offload will write."""
 

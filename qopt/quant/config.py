@@ -96,6 +96,18 @@ class QuantizationConfig:
             raise ConfigError(f"quantization {name!r}: expected one of {', '.join(PRESETS)}")
         return cls(**{**PRESETS[key], **overrides})
 
+    @classmethod
+    def from_bits(cls, bits: int, quant_type: str = "nf4", double_quant: bool = False,
+                  compute_dtype: torch.dtype = torch.bfloat16) -> "QuantizationConfig | None":
+        """The config of a width as the planners and CLI flags give it (4: `quant_type`, 8: int8); None for 16
+        (nothing quantized)."""
+        if bits not in (4, 8, 16):
+            raise ValueError(f"bits must be 4, 8 or 16, got {bits}")
+        if bits == 16:
+            return None
+        return cls(load_in_8bit=bits == 8, load_in_4bit=bits == 4, bnb_4bit_quant_type=quant_type,
+                   bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype)
+
     def to_dict(self) -> dict[str, Any]:
         data = {"quant_method": "bitsandbytes", "_load_in_8bit": self.load_in_8bit,
                 "_load_in_4bit": self.load_in_4bit, "llm_int8_threshold": self.llm_int8_threshold,
@@ -144,13 +156,6 @@ class QuantizationConfig:
             raise ConfigError(str(err).replace("quantization_config", source, 1)) from None
 
     @classmethod
-    def from_bits(cls, bits: int, quant_type: str = "nf4", double_quant: bool = False,
-                  compute_dtype: torch.dtype = torch.bfloat16) -> "QuantizationConfig":
-        """The config a planner means by a bit width (8: LLM.int8; 4: `quant_type`, optionally double quant)."""
-        return cls(load_in_8bit=bits == 8, load_in_4bit=bits == 4, bnb_4bit_quant_type=quant_type,
-                   bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype)
-
-    @classmethod
     def coerce(cls, value: "str | Mapping[str, Any] | QuantizationConfig | Any") -> "QuantizationConfig":
         """A preset name, a dict, our config, or any object with BitsAndBytesConfig's `to_dict()`."""
         if isinstance(value, cls):
@@ -163,7 +168,7 @@ class QuantizationConfig:
 
     def bits_for(self, name: str) -> int:
         """4, 8 or 16 for the Linear module called `name` (a full module name)."""
-        if _matches(name, HEADS) or _matches(name, self.llm_int8_skip_modules or ()):
+        if _matches_skip_rule(name, HEADS) or _matches_skip_rule(name, self.llm_int8_skip_modules or ()):
             return 16
         short = name.removeprefix("model.")
         for key, bits in self.module_bits.items():
@@ -172,7 +177,7 @@ class QuantizationConfig:
         return self.bits
 
 
-def _matches(name: str, patterns: tuple[str, ...] | list[str]) -> bool:
+def _matches_skip_rule(name: str, patterns: tuple[str, ...] | list[str]) -> bool:
     """transformers' rule: a pattern matches from the start up to a module boundary (also as a regex), or as a
     suffix ("fc1" matches "model.decoder.layers.3.fc1")."""
     boundary = r"(?:(?<=\.)|(?=\.|$))"

@@ -22,6 +22,10 @@ from torch import nn
 PACK_HEAD_MIN_TOKENS = 32  # repacking the head costs about what it saves over 20 decode steps (measured)
 # bitsandbytes multiplies int8 with torch._int_mm only on AVX-512 CPUs (elsewhere in fp32, which can round)
 _INT_MM = torch.backends.cpu.get_cpu_capability() == "AVX512"
+# bitsandbytes' own literals (backends/default/ops.py, _ops.py), copied as written so the numbers match its ops
+# bit for bit: neither is the exact float64 value (1 / 127**2 = 6.2000124e-05; 1 / 127 rounded to float32)
+INT8_PRODUCT_SCALE = 6.200124e-05  # 1 / 127**2: an int8 x int8 product, times both row scales, back to float
+INT8_CODE_SCALE = 7.874015718698502e-3  # 1 / 127: an int8 weight code, times its row scale, back to float
 
 
 @contextmanager
@@ -178,12 +182,12 @@ def int8_matmul(a: torch.Tensor, quantized: tuple[torch.Tensor, torch.Tensor, to
     codes_t, scales_row = views or (codes_b.t(), scales_b.unsqueeze(0))
     product = torch._int_mm(codes_a, codes_t) if _INT_MM else \
         torch.ops.bitsandbytes.int8_linear_matmul.default(codes_a, codes_b)
-    out = product * (row_scales * scales_row) * 6.200124e-05
+    out = product * (row_scales * scales_row) * INT8_PRODUCT_SCALE
     if bias is not None:
         out += bias
     out = out.to(a.dtype)
     if columns is not None and columns.numel():
-        dequantized = codes_b[:, columns].contiguous() * scales_b.view(-1, 1) * 7.874015718698502e-3
+        dequantized = codes_b[:, columns].contiguous() * scales_b.view(-1, 1) * INT8_CODE_SCALE
         out = out.addmm(a[:, columns].contiguous(), dequantized.to(a.dtype).t())
     return out
 

@@ -20,7 +20,8 @@ from ..model.network import OPTForCausalLM
 from ..quant.config import QuantizationConfig
 from ..quant.modules import is_quantized
 from .lora import LoraConfig
-from .plan import Machine, machine_preset, plan_finetune
+from .plan import Machine, machine_preset, plan_from_configs
+from .trainer import TrainingArguments
 
 
 def compute_dtype_of(model: nn.Module) -> torch.dtype | None:
@@ -71,11 +72,12 @@ def auto_checkpointing(model: nn.Module, lora: LoraConfig, batch: int, seq: int,
     device = next(model.parameters()).device
     machine: Machine = machine_preset("cpu", host=1) if device.type != "cuda" else Machine(
         "this GPU", torch.cuda.get_device_properties(device).total_memory, 1, torch.cuda.is_bf16_supported())
-    plan = plan_finetune(model.config, machine=machine, bits=quant.bits if quant else 16,
-                         quant_type=quant.bnb_4bit_quant_type if quant else "nf4",
-                         double_quant=bool(quant and quant.bnb_4bit_use_double_quant), r=lora.r,
-                         target_modules=lora.target_modules, lora_dropout=lora.lora_dropout, optimizer=optimizer,
-                         batch=batch, seq=seq, gradient_checkpointing="auto",
-                         compute_dtype=quant.bnb_4bit_compute_dtype if quant and quant.load_in_4bit else None,
-                         load_dtype=torch.float32 if quant else next(model.parameters()).dtype)
+    # the plan sizes the adapter's LoRA layers alone (its other settings do not change their memory)
+    shape = LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+                       target_modules=lora.target_modules)
+    plan = plan_from_configs(model.config, machine, quant, shape,
+                             TrainingArguments(output_dir="", optimizer=optimizer, batch_size=batch), seq=seq,
+                             gradient_checkpointing="auto",
+                             compute_dtype=quant.bnb_4bit_compute_dtype if quant and quant.load_in_4bit else None,
+                             load_dtype=torch.float32 if quant else next(model.parameters()).dtype)
     return plan.checkpointed_layers
