@@ -5,7 +5,8 @@
 Each run is a fresh process on one thread (torch.set_num_threads(1)) that loads the model in NF4
 (`qopt.load(folder, quantization="nf4")`) and then generates `--tokens` new tokens greedily from a fixed
 prompt; the two trees alternate run by run (old, new, old, new, ...) so drift on a shared machine hits both
-alike. Prints the median and spread of --runs runs per tree and figure, the ratio new / old, and the load
+alike, and CPU time (process time) is reported beside wall time: it moves less with the machine's load.
+Prints the median and spread of --runs runs per tree and figure, the ratio new / old, and the load
 average before and after. Without --folder the bundled model is measured; `--write-1.3b FOLDER` writes the
 1.3B-shaped random checkpoint of evals/bench_load.py there first.
 """
@@ -25,13 +26,13 @@ torch.set_num_threads(1)
 import qopt
 from qopt.bundled import bundled_model_dir
 folder, tokens = sys.argv[1] or str(bundled_model_dir()), int(sys.argv[2])
-start = time.perf_counter()
+start, cpu_start = time.perf_counter(), time.process_time()
 model = qopt.load(folder, quantization="nf4", progress=False)
-loaded = time.perf_counter()
+loaded, cpu_loaded = time.perf_counter(), time.process_time()
 out = model.generate(torch.tensor([[2, 100, 200, 300, 400, 500, 600, 700]]), max_new_tokens=tokens)
-done = time.perf_counter()
-print(json.dumps({"load": loaded - start, "generate": done - loaded, "tokens": out.shape[1] - 8,
-                  "file": qopt.__file__}))
+done, cpu_done = time.perf_counter(), time.process_time()
+print(json.dumps({"load": loaded - start, "generate": done - loaded, "load_cpu": cpu_loaded - cpu_start,
+                  "generate_cpu": cpu_done - cpu_loaded, "tokens": out.shape[1] - 8, "file": qopt.__file__}))
 """
 
 
@@ -68,13 +69,13 @@ def main() -> None:
         for side in ("old", "new"):
             result = run(getattr(args, side).resolve(), folder, args.tokens)
             runs[side].append(result)
-            print(f"run {i + 1} {side}: load {result['load']:.3f} s, generate {result['generate']:.3f} s",
-                  flush=True)
+            print(f"run {i + 1} {side}: load {result['load']:.3f} s (cpu {result['load_cpu']:.3f}), generate "
+                  f"{result['generate']:.3f} s (cpu {result['generate_cpu']:.3f})", flush=True)
     after = os.getloadavg()
     print(f"\nmodel: {folder or 'bundled'}; {args.tokens} new tokens; 1 thread; median of {args.runs} (spread)")
-    for key in ("load", "generate"):
+    for key in ("load", "generate", "load_cpu", "generate_cpu"):
         old, new = ([r[key] for r in runs[s]] for s in ("old", "new"))
-        print(f"{key:>9s}: old {statistics.median(old):.3f} s ({max(old) - min(old):.3f}), new "
+        print(f"{key:>12s}: old {statistics.median(old):.3f} s ({max(old) - min(old):.3f}), new "
               f"{statistics.median(new):.3f} s ({max(new) - min(new):.3f}), new/old "
               f"{statistics.median(new) / statistics.median(old):.2f}")
     total = {s: statistics.median([r["load"] + r["generate"] for r in runs[s]]) for s in runs}

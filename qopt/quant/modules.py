@@ -149,7 +149,6 @@ def empty_quantized_linear(in_features: int, out_features: int, bias: bool, conf
                             quant_type=config.bnb_4bit_quant_type, quant_storage=config.bnb_4bit_quant_storage,
                             device="meta")
         # the CPU kernel's repack needs whole blocks per row and rows in groups of 32; bitsandbytes would fail
-        # on other shapes (e.g. a 32-wide projection), which then take the dequantizing path
         # on other shapes (e.g. a 32-wide projection), which then take the dequantizing path. On versions qopt was
         # not tested on the repack (a private layout) is left out altogether, so saves stay byte-identical
         module.support_avx512bf16_for_cpu &= in_features % BLOCKSIZE == 0 and out_features % 32 == 0 \
