@@ -12,6 +12,8 @@ import bitsandbytes as bnb
 import torch
 from torch import nn
 
+from ..quant.internals import onednn_nbytes
+
 
 # -- weight memory -------------------------------------------------------------------------------------------
 def _bnb_linear_types() -> tuple[type, ...]:
@@ -22,7 +24,8 @@ def _walk(obj: Any, depth: int = 0) -> Iterator[torch.Tensor]:
     """Tensors held by a module attribute: quant states, int8 states, containers; never other modules.
 
     Generic on purpose: whatever a quantized layer keeps beside its weight (bitsandbytes' absmax and nested
-    statistics, the original statistics kept across the CPU repack, the int8 row scales) is memory it holds.
+    statistics, the original statistics kept across the CPU repack, the int8 row scales, an output head's packed
+    copy kept for decoding) is memory it holds.
     """
     if depth > 8 or obj is None or isinstance(obj, nn.Module):
         return
@@ -52,19 +55,22 @@ def _module_tensors(module: nn.Module, skip: tuple[str, ...] = ()) -> Iterator[t
         yield from _walk(value)
 
 
-def _storage_bytes(tensors: Iterator[torch.Tensor], seen: dict[int, int] | None = None) -> int:
+def _storage_bytes(tensors: Iterator[torch.Tensor], seen: dict[Any, int] | None = None) -> int:
     """Bytes of the distinct storages behind `tensors` (tied weights and int8 CB/weight aliases count once)."""
     seen = {} if seen is None else seen
     total = 0
     for t in tensors:
         if t.device.type == "meta":
             continue
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr == 0 or ptr in seen:
+        if t.is_mkldnn:  # oneDNN's opaque layout (a packed output head) has no storage to ask
+            key, nbytes = ("onednn", id(t)), onednn_nbytes(t)
+        else:
+            storage = t.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+        if key == 0 or key in seen:
             continue
-        seen[ptr] = storage.nbytes()
-        total += seen[ptr]
+        seen[key] = nbytes
+        total += nbytes
     return total
 
 
@@ -100,7 +106,7 @@ def weight_footprint(model: nn.Module) -> Footprint:
     output head tied to the embedding; their bits exclude biases (which stay 16/32-bit everywhere). Weights
     offloaded to disk (meta tensors here) are not counted: this is what the model holds in memory.
     """
-    seen: dict[int, int] = {}
+    seen: dict[Any, int] = {}
     total = sum(_storage_bytes(_module_tensors(m), seen) for m in model.modules())
     params = sum(_logical_numel(p) for p in model.parameters()) + sum(b.numel() for b in model.buffers())
     quantized = [m for m in model.modules() if isinstance(m, _bnb_linear_types())]

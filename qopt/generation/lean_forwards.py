@@ -10,16 +10,20 @@ goes through the module's own forward.
 """
 from __future__ import annotations
 
-import ctypes as ct
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from functools import lru_cache
 
 import bitsandbytes as bnb
 import torch
 from torch import nn
 
+from ..quant import internals
+
 PACK_HEAD_MIN_TOKENS = 32  # repacking the head costs about what it saves over 20 decode steps (measured)
+# the packed head is kept on the module between calls (a second copy of its weight, e.g. of the tied embedding)
+# up to this size; a larger head is packed for each call and freed after it, as memory is scarcer there
+PACKED_HEAD_CACHE_MAX_BYTES = 256 * 2**20
+PACKED_HEAD_ATTRIBUTE = "_packed_head"  # (weight key, oneDNN-packed weight) on the head module
 # bitsandbytes multiplies int8 with torch._int_mm only on AVX-512 CPUs (elsewhere in fp32, which can round)
 _INT_MM = torch.backends.cpu.get_cpu_capability() == "AVX512"
 # bitsandbytes' own literals (backends/default/ops.py, _ops.py), copied as written so the numbers match its ops
@@ -45,31 +49,43 @@ def _free(module: nn.Module) -> bool:
 
 def packed_head_forward(head: nn.Module, new_tokens: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The output head on a oneDNN-packed copy of its weight (measured twice as fast at a few rows, bit-identical in
-    bf16, within rounding in fp32), or None where it does not apply. The copy lives as long as the returned
-    function, so memory returns to normal after generate."""
+    bf16, within rounding in fp32), or None where it does not apply. A head of up to
+    `PACKED_HEAD_CACHE_MAX_BYTES` keeps its copy for the next call (`packed_head`); a larger one's copy lives as
+    long as the returned function, so memory returns to normal after generate."""
     weight = getattr(head, "weight", None)
     if not (type(head) is nn.Linear and _free(head) and weight.device.type == "cpu"
-            and new_tokens >= PACK_HEAD_MIN_TOKENS and weight.dtype in (torch.bfloat16, torch.float32)
-            and torch.backends.mkldnn.is_available()):
+            and new_tokens >= PACK_HEAD_MIN_TOKENS and weight.dtype in (torch.bfloat16, torch.float32)):
         return None
-    try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
-    except (RuntimeError, AttributeError):  # a torch build without oneDNN's linear ops: keep the plain matmul
+    packed = packed_head(head)
+    if packed is None:  # a torch build without oneDNN's linear ops, or untested versions: keep the plain matmul
         return None
     bias = head.bias
-    return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return lambda x: internals.onednn_linear(x, packed, bias)
 
 
-_GEMV_ARGS = (ct.c_int64, ct.c_int64, ct.c_int64, ct.c_void_p, ct.c_void_p, ct.c_void_p, ct.c_void_p, ct.c_int64,
-              ct.c_int64, ct.c_int64)  # M, N, K, x, weight, absmax, out, blocksize, x row stride, out row stride
+def _weight_key(weight: torch.Tensor) -> tuple:
+    """What a packed copy was made from: storage, in-place edits (version counter), dtype, shape, device."""
+    return weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape), weight.device
 
 
-@lru_cache(maxsize=None)
-def _typed_kernel(name: str) -> Callable[..., None]:
-    """bitsandbytes' C function behind a typed prototype: plain ints go in without building ctypes objects."""
-    from bitsandbytes.cextension import lib
+def packed_head(head: nn.Module) -> torch.Tensor | None:
+    """The head's weight in oneDNN's layout: the copy cached on the module while its weight is unchanged (same
+    storage, no in-place edit), packed anew otherwise; cached only up to `PACKED_HEAD_CACHE_MAX_BYTES`."""
+    weight = head.weight
+    key = _weight_key(weight)
+    cached = getattr(head, PACKED_HEAD_ATTRIBUTE, None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    drop_packed_head(head)
+    packed = internals.onednn_pack(weight)
+    if packed is not None and weight.numel() * weight.element_size() <= PACKED_HEAD_CACHE_MAX_BYTES:
+        setattr(head, PACKED_HEAD_ATTRIBUTE, (key, packed))
+    return packed
 
-    return ct.CFUNCTYPE(None, *_GEMV_ARGS)(ct.cast(getattr(lib, name), ct.c_void_p).value)
+
+def drop_packed_head(head: nn.Module) -> None:
+    """Free a head's cached packed copy, if it has one."""
+    vars(head).pop(PACKED_HEAD_ATTRIBUTE, None)
 
 
 def lean_4bit_forward(module: bnb.nn.Linear4bit) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -78,9 +94,8 @@ def lean_4bit_forward(module: bnb.nn.Linear4bit) -> Callable[[torch.Tensor], tor
     if not _free(module):
         return None
     own = module.forward
-    try:
-        kernels = {t: _typed_kernel(f"gemv_4bit_inference_cpu_{t}_bf16") for t in ("nf4", "fp4")}
-    except (AttributeError, RuntimeError):  # a bitsandbytes build without the CPU 4-bit kernels
+    kernels = internals.gemv_4bit_kernels()
+    if kernels is None:  # a bitsandbytes build without the CPU 4-bit kernels, or untested versions
         return None
     n, k = module.out_features, module.in_features
 
@@ -89,13 +104,12 @@ def lean_4bit_forward(module: bnb.nn.Linear4bit) -> Callable[[torch.Tensor], tor
         bias = module.bias
         if (module.training or x.device.type != "cpu" or x.requires_grad or state is None
                 or module.compute_dtype is not torch.bfloat16
-                or not getattr(state, "packing_format_for_cpu", False) or x.dtype not in (torch.bfloat16, torch.float32)
+                or not internals.is_cpu_packed(state) or x.dtype not in (torch.bfloat16, torch.float32)
                 or (bias is not None and bias.dtype != torch.bfloat16)):
             return own(x)
         a = x.reshape(-1, k).to(torch.bfloat16).contiguous()
         out = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
-        kernels[state.quant_type](a.shape[0], n, k, a.data_ptr(), module.weight.data_ptr(), state.absmax.data_ptr(),
-                                  out.data_ptr(), state.blocksize, k, n)
+        kernels[state.quant_type](a, module.weight, state.absmax, out.view(-1, n), state.blocksize)
         if bias is not None:
             out += bias
         return out.to(x.dtype)
@@ -152,7 +166,7 @@ def lean_int8_forward(module: bnb.nn.Linear8bitLt, quantizer: RowQuantizer | Non
                       ) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """LLM.int8 inference as `Linear8bitLt.forward` computes it on CPU, without its autograd function, per-call
     warning and five dispatched ops (about 100 tensor ops per call in all)."""
-    if module.state.has_fp16_weights or not _free(module):
+    if module.state.has_fp16_weights or not _free(module) or not internals.SUPPORTED:
         return None
     own = module.forward
     quantizer = quantizer or RowQuantizer()
@@ -180,7 +194,7 @@ def int8_matmul(a: torch.Tensor, quantized: tuple[torch.Tensor, torch.Tensor, to
     a row), which a caller making many calls can keep."""
     codes_a, row_scales, columns = quantized
     codes_t, scales_row = views or (codes_b.t(), scales_b.unsqueeze(0))
-    product = torch._int_mm(codes_a, codes_t) if _INT_MM else \
+    product = internals.int8_mm(codes_a, codes_t) if _INT_MM else \
         torch.ops.bitsandbytes.int8_linear_matmul.default(codes_a, codes_b)
     out = product * (row_scales * scales_row) * INT8_PRODUCT_SCALE
     if bias is not None:

@@ -375,9 +375,13 @@ def _range(source: ModelSource, remote: RemoteFile, start: int, end: int) -> byt
 
 
 def is_connection_error(err: BaseException) -> bool:
-    import httpx2
+    """No HTTP answer came (refused, cut or timed out): an error of huggingface_hub's HTTP library that is not
+    an HTTP status, told apart through huggingface_hub's own `errors.HTTPError` (that library's base class), so
+    qopt depends on no HTTP library by name."""
+    from huggingface_hub.errors import HfHubHTTPError, HTTPError
 
-    return isinstance(err, (httpx2.ConnectError, httpx2.TimeoutException, httpx2.RemoteProtocolError))
+    return isinstance(err, HTTPError) and not isinstance(err, HfHubHTTPError) \
+        and getattr(err, "response", None) is None
 
 
 def hub_error(err: BaseException, repo: str, revision: str | None, settings: HubSettings,

@@ -35,7 +35,8 @@ from ..place.plan import DeviceMap, MemoryPlan
 from ..place.ranks import check_one_device_per_rank
 from ..place.sizes import meta_model, placed_bytes
 from ..quant.config import QuantizationConfig
-from ..quant.modules import bits_of, is_quantized, owning_module, quantize_weight, saved_keys, set_quantized_state
+from ..quant.modules import (Linear4bit, bits_of, is_quantized, owning_module, quantize_weight, saved_keys,
+                             saved_layout, set_quantized_state)
 from ..utils import format_bytes
 from .saving import save_model
 
@@ -191,7 +192,10 @@ class _ShardLoader:
         self.plain = {name: p for name, p in model.named_parameters()
                       if owning_module(name, self.quantized) is None}
         self.required = {name: self._required_keys(name, m) for name, m in self.quantized.items()}
-        self.pending: dict[str, dict[str, torch.Tensor]] = {}  # quantized layer -> tensors ready so far
+        self.pending: dict[str, dict[str, Any]] = {}  # quantized layer -> tensors (and quant state) ready so far
+        # without a GPU in the map the model computes on the CPU, in eval mode: build the 4-bit layout the CPU
+        # kernel reads now rather than at the first forward (where bitsandbytes would repack it)
+        self.pack_for_cpu = all(d in ("cpu", "disk") for d in placement.values())
         self.arrived: dict[str, set[str]] = {}  # quantized layer -> checkpoint keys seen so far
         self.loaded: set[str] = set()
         expected = {n: p.shape for n, p in self.plain.items()}
@@ -266,12 +270,15 @@ class _ShardLoader:
         if arrived == self.required[owner]:
             self._finish_module(owner, self.pending.pop(owner), device)
 
-    def _finish_module(self, owner: str, state: dict[str, torch.Tensor], device: int | str) -> None:
+    def _finish_module(self, owner: str, state: dict[str, Any], device: int | str) -> None:
         if device in OFFLOAD_KINDS:
-            for key, value in state.items():
+            for key, value in saved_layout(state).items():
                 self.stores[device].put(f"{owner}.{key}", value)
-        else:
-            set_quantized_state(self.quantized[owner], state, _torch_device(device), source=f"{self.path}: {owner}")
+            return
+        module = set_quantized_state(self.quantized[owner], state, _torch_device(device),
+                                     source=f"{self.path}: {owner}")
+        if self.pack_for_cpu and isinstance(module, Linear4bit):
+            module.pack_for_cpu()
 
     def finish(self) -> None:
         incomplete = [n for n in self.quantized if self.arrived.get(n) != self.required[n]]

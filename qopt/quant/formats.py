@@ -11,7 +11,8 @@ from functools import lru_cache
 
 import torch
 from bitsandbytes import functional as bnbf
-from bitsandbytes.backends.default.ops import _get_4bit_quantize_bounds
+
+from .internals import quantize_bounds
 
 BLOCKSIZE = 64  # 4-bit weights per absmax (Params4bit's default; transformers' config has no field for it)
 NESTED_BLOCKSIZE = 256  # absmax values per block of the double quantization (quantize_4bit's compress_statistics)
@@ -25,7 +26,7 @@ def rounding_tables(quant_type: str) -> tuple[torch.Tensor, torch.Tensor, torch.
 
     Taken from bitsandbytes' own quantizer, so rounding here breaks ties exactly as `quantize_4bit` does.
     """
-    bounds, order = _get_4bit_quantize_bounds(quant_type, torch.device("cpu"))
+    bounds, order = quantize_bounds(quant_type)
     code = bnbf.get_4bit_type(quant_type, device="cpu")
     return code[order], bounds, order
 

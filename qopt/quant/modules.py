@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Collection, Iterator, Mapping
+from typing import Any
 
 import bitsandbytes as bnb
 import torch
-from bitsandbytes.functional import (QuantState, _convert_weight_packed_for_cpu_inverse, dequantize_4bit,
-                                     int8_vectorwise_dequant)
+from bitsandbytes.functional import QuantState, dequantize_4bit, int8_vectorwise_dequant
 from torch import nn
 
 from ..errors import CheckpointError
-from . import quantizers
+from . import internals, quantizers
 from .config import QuantizationConfig
 from .formats import BLOCKSIZE, INT8_ROW_FORMAT, SAVED_INT8_KEYS, saved_4bit_keys
 
@@ -23,20 +23,22 @@ from .formats import BLOCKSIZE, INT8_ROW_FORMAT, SAVED_INT8_KEYS, saved_4bit_key
 class Linear4bit(bnb.nn.Linear4bit):
     """bitsandbytes' Linear4bit whose saved form does not depend on the CPU repack.
 
-    The first eval forward on CPU repacks the weight for the CPU kernel and replaces the absmax with a bf16 copy
-    (double-quant statistics dropped); bitsandbytes' own save then re-quantizes them, so its files change after a
-    forward. This class keeps the statistics as quantized beside the packed weight, saves from them and undoes
-    the weight's repack exactly, so a save after a forward equals a save before it byte for byte.
+    The first eval forward on an AVX512-BF16 CPU repacks the weight for the CPU kernel and replaces the absmax
+    with a bf16 copy (double-quant statistics dropped); bitsandbytes' own save then re-quantizes them, so its
+    files change after a forward. This class keeps the quant state as quantized (`_statistics`, sharing its
+    tensors) beside the packed weight, saves from it and undoes the weight's repack exactly, so a save after a
+    forward equals a save before it byte for byte. The loader builds the CPU layout at load (`pack_for_cpu`);
+    `train()` and device / dtype moves (`model.to(...)`, which bitsandbytes does not unpack) restore the
+    standard layout first.
     """
 
-    _statistics: dict[str, torch.Tensor] | None = None
+    _statistics: QuantState | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.remember_statistics()
         state = getattr(self.weight, "quant_state", None)
         bias = self.bias
-        if bias is None or not (x.requires_grad and torch.is_grad_enabled()) \
-                or not getattr(state, "packing_format_for_cpu", False):
+        if bias is None or not (x.requires_grad and torch.is_grad_enabled()) or not internals.is_cpu_packed(state):
             return super().forward(x)
         # bitsandbytes adds the bias in place to the packed CPU kernel's output, which autograd refuses when the
         # input requires grad (an eval-mode model called without no_grad after an eval forward, e.g. generate);
@@ -51,24 +53,55 @@ class Linear4bit(bnb.nn.Linear4bit):
         return (out.to(compute) + bias.to(compute)).to(out.dtype)
 
     def remember_statistics(self) -> None:
-        """Keep (references to) the standard statistics while the quant state still holds them."""
+        """Keep the standard quant state (a shallow copy: the repack replaces its fields, not its tensors) while
+        the module still holds it."""
         state = getattr(self.weight, "quant_state", None)
-        if state is None or getattr(state, "packing_format_for_cpu", False):
+        if state is None or internals.is_cpu_packed(state):
             return
-        if self._statistics is None or self._statistics["absmax"] is not state.absmax:
-            self._statistics = state.as_dict(packed=True)
+        kept = self._statistics
+        if kept is None or kept is state or kept.absmax is not state.absmax:
+            self._statistics = copy.copy(state)
+
+    def pack_for_cpu(self) -> bool:
+        """Build the CPU kernel's layout now, as bitsandbytes' first eval forward on this CPU would; returns
+        whether it did (not where bitsandbytes would not repack, e.g. on a GPU or without AVX512-BF16)."""
+        state = getattr(self.weight, "quant_state", None)
+        if state is None or internals.is_cpu_packed(state) or not self.support_avx512bf16_for_cpu \
+                or self.weight.device.type != "cpu" or not internals.SUPPORTED:
+            return False
+        self.remember_statistics()
+        self.weight.data = internals.pack_for_cpu(self.weight.data, state)
+        return True
+
+    def restore_standard_layout(self) -> None:
+        """Undo the CPU repack: the exact standard weight and the statistics as quantized (bitsandbytes' own
+        inverse, which re-quantizes the bf16 absmax, only where they were not kept)."""
+        state = getattr(self.weight, "quant_state", None)
+        if not internals.is_cpu_packed(state):
+            return
+        weight = internals.unpack_weight(self.weight.data, state)
+        if self._statistics is None:
+            _, self._statistics = internals.unpack(self.weight.data, state)
+        self.weight.data, self.weight.quant_state = weight, self._statistics
+        self.quant_state, self._statistics = self._statistics, None
+
+    def train(self, mode: bool = True) -> "Linear4bit":
+        if mode:
+            self.restore_standard_layout()
+        return super().train(mode)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "Linear4bit":
+        self.restore_standard_layout()  # a packed weight moved to another device would be read wrongly there
+        return super()._apply(fn, recurse)
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         state = getattr(self.weight, "quant_state", None)
-        if state is None or not getattr(state, "packing_format_for_cpu", False) or self._statistics is None:
+        if not internals.is_cpu_packed(state) or self._statistics is None:
             return super()._save_to_state_dict(destination, prefix, keep_vars)
-        shadow = copy.copy(state)  # the inverse edits the state it is given; only its weight output is used
-        shadow.original_nested = False
-        weight, _ = _convert_weight_packed_for_cpu_inverse(self.weight.data, shadow)
-        destination[prefix + "weight"] = weight
+        destination[prefix + "weight"] = internals.unpack_weight(self.weight.data, state)
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
-        for key, value in self._statistics.items():
+        for key, value in self._statistics.as_dict(packed=True).items():
             destination[prefix + "weight." + key] = value
 
 
@@ -116,8 +149,10 @@ def empty_quantized_linear(in_features: int, out_features: int, bias: bool, conf
                             quant_type=config.bnb_4bit_quant_type, quant_storage=config.bnb_4bit_quant_storage,
                             device="meta")
         # the CPU kernel's repack needs whole blocks per row and rows in groups of 32; bitsandbytes would fail
-        # on other shapes (e.g. a 32-wide projection), which then take the dequantizing path
-        module.support_avx512bf16_for_cpu &= in_features % BLOCKSIZE == 0 and out_features % 32 == 0
+        # on other shapes (e.g. a 32-wide projection), which then take the dequantizing path. On versions qopt was
+        # not tested on the repack (a private layout) is left out altogether, so saves stay byte-identical
+        module.support_avx512bf16_for_cpu &= in_features % BLOCKSIZE == 0 and out_features % 32 == 0 \
+            and internals.SUPPORTED
     return module.requires_grad_(False)
 
 
@@ -131,22 +166,51 @@ def swap_linears_on_meta(model: nn.Module, config: QuantizationConfig) -> dict[s
     return swapped
 
 
+QUANT_STATE = "quant_state"  # key of a live bitsandbytes QuantState in a module's state (never a saved key)
+
+
 def quantize_weight(weight: torch.Tensor, config: QuantizationConfig, bits: int, dtype: torch.dtype | None = None
-                    ) -> dict[str, torch.Tensor]:
+                    ) -> dict[str, Any]:
     """A float weight (cast to `dtype` first, as transformers does) -> its quantized tensors in the standard
-    layout (keys relative to the module)."""
+    layout (keys relative to the module); a 4-bit weight's statistics stay one `QuantState` under
+    `QUANT_STATE`, for `set_quantized_state` to take as it is (`saved_layout` spells them out for a file)."""
     weight = weight.detach()
     if bits == 8:
         codes, scales = quantizers.quantize_int8_rows(weight, dtype)
         return {"weight": codes, "SCB": scales, "weight_format": torch.tensor(INT8_ROW_FORMAT, dtype=torch.uint8)}
     packed, state = quantizers.quantize_4bit(weight, config.bnb_4bit_quant_type, BLOCKSIZE,
                                           config.bnb_4bit_use_double_quant, config.bnb_4bit_quant_storage, dtype)
-    return {"weight": packed, **{"weight." + k: v for k, v in state.as_dict(packed=True).items()}}
+    return {"weight": packed, QUANT_STATE: state}
 
 
-def set_quantized_state(module: nn.Module, state: Mapping[str, torch.Tensor], device: torch.device | str = "cpu",
+def saved_layout(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """A module's state as a file holds it: a `QUANT_STATE` entry spelled out as its `weight.*` tensors."""
+    tensors = {k: v for k, v in state.items() if k != QUANT_STATE}
+    quant_state = state.get(QUANT_STATE)
+    if quant_state is not None:
+        tensors.update({"weight." + k: v for k, v in quant_state.as_dict(packed=True).items()})
+    return tensors
+
+
+def _quant_state(state: dict[str, Any], device: torch.device | str, where: str) -> QuantState:
+    """The 4-bit quant state of a module's state: the live one under `QUANT_STATE`, or read from the saved
+    `weight.*` statistics (the file boundary)."""
+    live = state.pop(QUANT_STATE, None)
+    if live is not None:
+        live.to(torch.device(device))  # in place; tensors already there are not copied
+        return live
+    stats = {k.removeprefix("weight."): v for k, v in state.items()}
+    try:
+        return QuantState.from_dict(stats, device=torch.device(device))
+    except (ValueError, KeyError, AssertionError, TypeError) as err:
+        raise CheckpointError(f"{where}: 4-bit statistics are incomplete or malformed (have "
+                              f"{sorted(state)}; {err})") from None
+
+
+def set_quantized_state(module: nn.Module, state: Mapping[str, Any], device: torch.device | str = "cpu",
                         source: str = "") -> nn.Module:
-    """Fill a (meta or loaded) bitsandbytes module from standard-layout tensors, without re-quantizing."""
+    """Fill a (meta or loaded) bitsandbytes module from standard-layout tensors (or a live 4-bit `QUANT_STATE`),
+    without re-quantizing."""
     where = source or type(module).__name__
     state = dict(state)
     bias = state.pop("bias", None)
@@ -169,12 +233,7 @@ def set_quantized_state(module: nn.Module, state: Mapping[str, torch.Tensor], de
         module.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False, CB=weight,
                                           SCB=state.pop("SCB").to(device))
     else:
-        stats = {k.removeprefix("weight."): v for k, v in state.items()}
-        try:
-            quant_state = QuantState.from_dict(dict(stats), device=torch.device(device))
-        except (ValueError, KeyError, AssertionError, TypeError) as err:
-            raise CheckpointError(f"{where}: 4-bit statistics are incomplete or malformed (have "
-                                  f"{sorted(state)}; {err})") from None
+        quant_state = _quant_state(state, device, where)
         expected = (module.out_features, module.in_features)
         nbytes = weight.numel() * weight.element_size()
         if tuple(quant_state.shape) != expected or nbytes != -(-expected[0] * expected[1] // 2):
@@ -196,17 +255,21 @@ def set_quantized_state(module: nn.Module, state: Mapping[str, torch.Tensor], de
     return module
 
 
-def linear_from_quantized(state: Mapping[str, torch.Tensor], config: QuantizationConfig,
+def linear_from_quantized(state: Mapping[str, Any], config: QuantizationConfig,
                           device: torch.device | str = "cpu", source: str = "") -> nn.Module:
     """A bitsandbytes Linear from already-quantized tensors in the standard layout (no re-quantization).
 
     `state` holds `weight` (+ `bias`) and either `SCB` (int8) or the 4-bit statistics (`weight.absmax`,
-    `weight.quant_map`, `weight.nested_*`, `weight.quant_state.bitsandbytes__<type>`); the 4-bit quant type
+    `weight.quant_map`, `weight.nested_*`, `weight.quant_state.bitsandbytes__<type>`, or a live `QUANT_STATE`
+    as `quantize_weight` returns it); the 4-bit quant type
     and double quantization come from the statistics, the compute dtype and int8 threshold from `config`.
     """
     if "SCB" in state:
         out_features, in_features = state["weight"].shape
         module = empty_quantized_linear(in_features, out_features, "bias" in state, config, 8)
+    elif QUANT_STATE in state:
+        out_features, in_features = state[QUANT_STATE].shape
+        module = empty_quantized_linear(in_features, out_features, "bias" in state, config, 4)
     else:
         stats = {k.removeprefix("weight."): v for k, v in state.items() if k.startswith("weight.")}
         try:
@@ -288,7 +351,7 @@ def cpu_packed_tensors(module: nn.Module) -> dict[str, torch.Tensor] | None:
     Keys are `CPU_PACKED_KEYS`: a layer rebuilt from disk at every forward can keep this form and skip the repack."""
     state = getattr(getattr(module, "weight", None), "quant_state", None)
     if not isinstance(module, bnb.nn.Linear4bit) or state is None or module.quant_storage != torch.uint8 \
-            or not getattr(state, "packing_format_for_cpu", False):
+            or not internals.is_cpu_packed(state):
         return None
     return {"weight": module.weight.data, "weight.absmax": state.absmax}
 
@@ -316,12 +379,9 @@ def set_cpu_packed_state(module: nn.Module, packed: Mapping[str, torch.Tensor], 
     expected = (module.out_features, module.in_features // 2)
     if tuple(quant_state.shape) != (module.out_features, module.in_features) or tuple(weight.shape) != expected:
         raise CheckpointError(f"{where}: CPU-packed 4-bit weight is {list(weight.shape)}, expected {list(expected)}")
-    # the fields bitsandbytes' repack (`_convert_weight_packed_for_cpu`) sets
-    quant_state.original_dtype, quant_state.original_nested = quant_state.dtype, nested
-    quant_state.original_qshape = torch.Size([weight.numel(), 1])
-    quant_state.dtype, quant_state.packing_format_for_cpu = torch.bfloat16, True
+    internals.mark_cpu_packed(quant_state, nested, weight)
     module.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_state=quant_state,
-                                      blocksize=quant_state.blocksize, compress_statistics=quant_state.original_nested,
+                                      blocksize=quant_state.blocksize, compress_statistics=nested,
                                       quant_type=quant_state.quant_type, quant_storage=torch.uint8, module=module,
                                       bnb_quantized=True)
     module.quant_state = quant_state

@@ -18,6 +18,7 @@ import torch
 from bitsandbytes.functional import QuantState, get_4bit_type, int8_vectorwise_quant
 from bitsandbytes.functional import quantize_4bit as bnb_quantize_4bit
 
+from . import internals
 from .formats import BLOCKSIZE, double_quantize, rounding_tables
 
 CHUNK = 1 << 17  # elements per step: float32 temporaries of 512 KiB stay in L2; op overheads amortized
@@ -78,10 +79,11 @@ def quantize_4bit(weight: torch.Tensor, quant_type: str = "nf4", blocksize: int 
     """Same result as `bitsandbytes.functional.quantize_4bit(weight.to(dtype), ...)` on CPU, several times faster.
 
     `dtype` (default: the weight's) is the dtype the weight is cast to first, chunk by chunk, as transformers
-    casts a checkpoint to the model's dtype before quantizing; the quant state records it.
+    casts a checkpoint to the model's dtype before quantizing; the quant state records it. On bitsandbytes
+    versions qopt was not tested on (`internals.SUPPORTED`), bitsandbytes' own quantizer runs.
     """
     dtype = dtype or weight.dtype
-    if weight.device.type != "cpu" or blocksize % 2 or CHUNK % blocksize:
+    if weight.device.type != "cpu" or blocksize % 2 or CHUNK % blocksize or not internals.SUPPORTED:
         return bnb_quantize_4bit(weight.to(dtype), blocksize=blocksize, compress_statistics=compress_statistics,
                          quant_type=quant_type, quant_storage=quant_storage)
     flat = weight.reshape(-1)
