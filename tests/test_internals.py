@@ -14,7 +14,7 @@ from bitsandbytes.functional import QuantState, has_avx512bf16
 import qopt
 from qopt.bundled import bundled_model_dir
 from qopt.evaluation.footprint import weight_footprint
-from qopt.generation import fastpath
+from qopt.generation import lean_forwards
 from qopt.quant import internals
 from qopt.quant.modules import Linear4bit, quantized_state
 
@@ -80,19 +80,19 @@ def test_an_untested_version_logs_one_line_at_import_and_takes_the_public_path()
 @pytest.mark.parametrize("precision", ["nf4", "nf4-dq", "int8"])
 def test_fallback_uses_the_public_path_and_saves_the_same_bytes(precision, monkeypatch, tmp_path):
     model = load(precision)
-    model.generate(PROMPT, max_new_tokens=fastpath.PACK_HEAD_MIN_TOKENS)
+    model.generate(PROMPT, max_new_tokens=lean_forwards.PACK_HEAD_MIN_TOKENS)
     model.save_pretrained(tmp_path / "tested")
     monkeypatch.setattr(internals, "SUPPORTED", False)
     fallback = load(precision)
     assert not any(packed(fallback))
     assert all(not m.support_avx512bf16_for_cpu for m in linears4(fallback))
     for module in fallback.modules():
-        assert fastpath.lean_4bit_forward(module) is None if isinstance(module, Linear4bit) else True
+        assert lean_forwards.lean_4bit_forward(module) is None if isinstance(module, Linear4bit) else True
         if type(module).__name__ == "Linear8bitLt":
-            assert fastpath.lean_int8_forward(module) is None
-    assert fastpath.packed_head_forward(fallback.lm_head, 64) is None
-    out = fallback.generate(PROMPT, max_new_tokens=fastpath.PACK_HEAD_MIN_TOKENS)
-    assert out.shape == (1, PROMPT.shape[1] + fastpath.PACK_HEAD_MIN_TOKENS)
+            assert lean_forwards.lean_int8_forward(module) is None
+    assert lean_forwards.packed_head_forward(fallback.lm_head, 64) is None
+    out = fallback.generate(PROMPT, max_new_tokens=lean_forwards.PACK_HEAD_MIN_TOKENS)
+    assert out.shape == (1, PROMPT.shape[1] + lean_forwards.PACK_HEAD_MIN_TOKENS)
     assert not any(packed(fallback))  # bitsandbytes' own forward did not repack either
     fallback.save_pretrained(tmp_path / "fallback")
     for file in sorted((tmp_path / "tested").glob("*.safetensors")):
@@ -208,24 +208,24 @@ def test_the_packed_head_is_kept_between_calls_and_counted(monkeypatch):
     model = load("nf4")
     head = model.lm_head
     before = weight_footprint(model).bytes
-    first = model.generate(PROMPT, max_new_tokens=fastpath.PACK_HEAD_MIN_TOKENS)
-    key, copy = getattr(head, fastpath.PACKED_HEAD_ATTRIBUTE)
+    first = model.generate(PROMPT, max_new_tokens=lean_forwards.PACK_HEAD_MIN_TOKENS)
+    key, copy = getattr(head, lean_forwards.PACKED_HEAD_ATTRIBUTE)
     assert weight_footprint(model).bytes == before + internals.onednn_nbytes(copy)
-    assert torch.equal(model.generate(PROMPT, max_new_tokens=fastpath.PACK_HEAD_MIN_TOKENS), first)
-    assert getattr(head, fastpath.PACKED_HEAD_ATTRIBUTE)[1] is copy  # not packed again
+    assert torch.equal(model.generate(PROMPT, max_new_tokens=lean_forwards.PACK_HEAD_MIN_TOKENS), first)
+    assert getattr(head, lean_forwards.PACKED_HEAD_ATTRIBUTE)[1] is copy  # not packed again
     with torch.no_grad():  # an in-place change (version counter) invalidates it
         head.weight.mul_(2.0)
-    changed = model.generate(PROMPT, max_new_tokens=fastpath.PACK_HEAD_MIN_TOKENS)
-    assert getattr(head, fastpath.PACKED_HEAD_ATTRIBUTE)[1] is not copy
-    fastpath.drop_packed_head(head)
-    monkeypatch.setattr(fastpath, "PACK_HEAD_MIN_TOKENS", 10**6)  # the plain matmul: the reference
+    changed = model.generate(PROMPT, max_new_tokens=lean_forwards.PACK_HEAD_MIN_TOKENS)
+    assert getattr(head, lean_forwards.PACKED_HEAD_ATTRIBUTE)[1] is not copy
+    lean_forwards.drop_packed_head(head)
+    monkeypatch.setattr(lean_forwards, "PACK_HEAD_MIN_TOKENS", 10**6)  # the plain matmul: the reference
     assert torch.equal(model.generate(PROMPT, max_new_tokens=32), changed)
 
 
 def test_a_head_above_the_threshold_is_packed_per_call(monkeypatch):
     model = load("nf4")
-    monkeypatch.setattr(fastpath, "PACKED_HEAD_CACHE_MAX_BYTES", model.lm_head.weight.nbytes - 1)
+    monkeypatch.setattr(lean_forwards, "PACKED_HEAD_CACHE_MAX_BYTES", model.lm_head.weight.nbytes - 1)
     before = weight_footprint(model).bytes
-    model.generate(PROMPT, max_new_tokens=fastpath.PACK_HEAD_MIN_TOKENS)
-    assert not hasattr(model.lm_head, fastpath.PACKED_HEAD_ATTRIBUTE)
+    model.generate(PROMPT, max_new_tokens=lean_forwards.PACK_HEAD_MIN_TOKENS)
+    assert not hasattr(model.lm_head, lean_forwards.PACKED_HEAD_ATTRIBUTE)
     assert weight_footprint(model).bytes == before
