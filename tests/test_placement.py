@@ -24,27 +24,38 @@ def checkpoint(tmp_path_factory):
     return save_random_opt(tmp_path_factory.mktemp("opt6"), **SHAPE)
 
 
+def _fitting_budget(checkpoint, batch: int) -> int:
+    """The smallest CPU budget (in quarter MiB) at which the model fits whole: the sweeps go below it, so they do
+    not depend on this CPU's layout terms (AVX512-BF16 or not)."""
+    budget = plan(checkpoint, 4, {"cpu": 1 << 40}, context=96, batch=batch).used_bytes("cpu")  # a lower bound
+    while not plan(checkpoint, 4, {"cpu": budget}, context=96, batch=batch).fits:
+        budget += MIB // 4
+    return budget
+
+
 def _layers_on(device_map, device):
     return sorted(int(n.rsplit(".", 1)[1]) for n, d in device_map.items() if d == device and ".layers." in n)
 
 
 def test_real_loads_place_the_plans_map_over_a_sweep_of_cpu_budgets(checkpoint, tmp_path):
     seen = set()
-    for budget_mib in (57.0, 57.5, 58.0, 58.5, 59.0, 59.5, 64.0):
-        memory = {"cpu": int(budget_mib * MIB)}
+    full = _fitting_budget(checkpoint, 2)
+    for below in (3.0, 2.5, 2.0, 1.5, 1.0, 0.5, 0.0, -4.0):
+        memory = {"cpu": full - int(below * MIB)}
         result = plan(checkpoint, 4, memory, context=96, batch=2)
         model = qopt.load(checkpoint, quantization="nf4", device_map="auto", max_memory=memory, context=96, batch=2,
                           offload_folder=tmp_path / "offload", progress=False)
-        assert model.hf_device_map == result.device_map, budget_mib
+        assert model.hf_device_map == result.device_map, memory
         assert result.loadable and all(result.used_bytes(d) <= limit for d, limit in result.limits.items())
         seen.add(len(_layers_on(result.device_map, "disk")))
     assert len(seen) >= 3  # the sweep crosses several splits, from most layers on disk to none
 
 
 def test_a_larger_budget_never_turns_a_loadable_plan_into_cannot_load(checkpoint):
+    full = _fitting_budget(checkpoint, 2)
     for strategy in ("auto", "sequential"):
         loadable = False
-        for budget in range(54 * MIB, 62 * MIB, MIB // 4):
+        for budget in range(full - 5 * MIB, full + MIB, MIB // 4):
             result = plan(checkpoint, 4, {"cpu": budget}, context=96, batch=2, strategy=strategy)
             assert result.loadable or not loadable, (strategy, budget, result.verdict)
             loadable = result.loadable
@@ -52,7 +63,7 @@ def test_a_larger_budget_never_turns_a_loadable_plan_into_cannot_load(checkpoint
 
 
 def test_the_disk_layers_kv_cache_is_reserved_on_the_cpu_in_float32(checkpoint):
-    result = plan(checkpoint, 4, {"cpu": 58 * MIB}, context=96, batch=2)
+    result = plan(checkpoint, 4, {"cpu": _fitting_budget(checkpoint, 2) - MIB}, context=96, batch=2)
     disk = _layers_on(result.device_map, "disk")
     assert disk and result.kv_dtype == torch.float32
     config = config_for(checkpoint)[0]
@@ -62,7 +73,8 @@ def test_the_disk_layers_kv_cache_is_reserved_on_the_cpu_in_float32(checkpoint):
 
 
 def test_pasting_load_with_into_qopt_generate_places_the_plans_map(checkpoint, tmp_path, capsys, caplog):
-    assert cli.main(["plan", str(checkpoint), "--cpu", "55MiB", "--context", "96"]) == 0
+    budget = _fitting_budget(checkpoint, 1) - MIB
+    assert cli.main(["plan", str(checkpoint), "--cpu", f"{budget // 1024}KiB", "--context", "96"]) == 0
     out = capsys.readouterr().out
     planned = re.search(r"^device map: (.*)$", out, re.M).group(1)
     flags = re.search(r"^load with: (.*)$", out, re.M).group(1)
@@ -75,10 +87,11 @@ def test_pasting_load_with_into_qopt_generate_places_the_plans_map(checkpoint, t
 
 
 def test_a_plan_object_loads_as_its_map(checkpoint, tmp_path):
-    result = plan(checkpoint, 4, {"cpu": 58 * MIB}, context=96, batch=2)
+    result = plan(checkpoint, 4, {"cpu": _fitting_budget(checkpoint, 2) - MIB}, context=96, batch=2)
+    assert "disk" in result.device_map.values()
     model = qopt.load(checkpoint, quantization="nf4", device_map=result, offload_folder=tmp_path, progress=False)
     assert model.hf_device_map == result.device_map
-    other = plan("opt-125m", 4, {"cpu": "110MiB"}, context=128)  # layers 0-3 on the CPU, 4-11 on disk
+    other = plan("opt-125m", 4, {0: "100MiB", "cpu": "1GiB"}, context=128)  # layers on GPU 0 and the CPU
     with pytest.raises(qopt.errors.PlanError, match="places 12 decoder layers, config.json declares 6"):
         qopt.load(checkpoint, quantization="nf4", device_map=other, progress=False)
 
@@ -116,3 +129,22 @@ def test_default_context_is_capped_at_the_models_positions():
     assert plan("opt-125m", 4, {"cpu": "1GiB"}).context == 2048
     bundled = qopt.bundled.bundled_model_dir()
     assert plan(bundled, 4, {"cpu": "1GiB"}).context == config_for(bundled)[0].max_position_embeddings
+
+
+def test_the_cpu_layout_and_packed_head_terms_are_what_a_cpu_model_holds(checkpoint):
+    from qopt.generation.lean_forwards import PACK_HEAD_MIN_TOKENS, PACKED_HEAD_ATTRIBUTE
+    from qopt.quant import internals
+    from qopt.quant.modules import cpu_repacks
+
+    result = plan(checkpoint, 4, {"cpu": "1GiB"}, context=96)
+    model = qopt.load(checkpoint, quantization="nf4", device_map="auto", max_memory={"cpu": "1GiB"}, context=96,
+                      progress=False)
+    model.generate(torch.tensor([[2, 100, 200]]), max_new_tokens=PACK_HEAD_MIN_TOKENS)
+    packed = [m.weight.quant_state for m in model.modules() if internals.is_cpu_packed(
+        getattr(getattr(m, "weight", None), "quant_state", None))]
+    assert result.cpu_layout_bytes == sum(s.absmax.numel() * s.absmax.element_size() for s in packed)
+    assert bool(packed) == cpu_repacks()
+    _, head = getattr(model.lm_head, PACKED_HEAD_ATTRIBUTE)
+    assert result.packed_head_bytes == internals.onednn_nbytes(head) > 0
+    assert result.used_bytes("cpu") == sum(result.weight_bytes.values()) + result.kv_cache_bytes["cpu"] + \
+        result.activation_bytes + result.cpu_layout_bytes + result.packed_head_bytes

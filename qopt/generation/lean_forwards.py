@@ -17,12 +17,12 @@ import bitsandbytes as bnb
 import torch
 from torch import nn
 
+from ..place.sizes import PACKED_HEAD_CACHE_MAX_BYTES
 from ..quant import internals
 
 PACK_HEAD_MIN_TOKENS = 32  # repacking the head costs about what it saves over 20 decode steps (measured)
 # the packed head is kept on the module between calls (a second copy of its weight, e.g. of the tied embedding)
 # up to this size; a larger head is packed for each call and freed after it, as memory is scarcer there
-PACKED_HEAD_CACHE_MAX_BYTES = 256 * 2**20
 PACKED_HEAD_ATTRIBUTE = "_packed_head"  # (weight key, oneDNN-packed weight) on the head module
 # bitsandbytes multiplies int8 with torch._int_mm only on AVX-512 CPUs (elsewhere in fp32, which can round)
 _INT_MM = torch.backends.cpu.get_cpu_capability() == "AVX512"

@@ -40,7 +40,7 @@ def normalize_max_memory(max_memory: dict[Any, Any] | None) -> dict[int | str, i
 
 def infer_device_map(model: nn.Module, dtype: torch.dtype, device_map: Any = "auto",
                      max_memory: dict[Any, Any] | None = None, kv_bytes_per_layer: int = 0,
-                     activation_bytes: int = 0) -> DeviceMap:
+                     activation_bytes: int = 0, cpu_layout: bool = False) -> DeviceMap:
     """Where each module goes: a given dict or single device as is, a strategy name through accelerate.
 
     Sizes are the quantized ones (`sizing_view`); `activation_bytes` is kept free on every non-disk device.
@@ -51,7 +51,7 @@ def infer_device_map(model: nn.Module, dtype: torch.dtype, device_map: Any = "au
         return dict(device_map)
     if isinstance(device_map, (int, torch.device)) or device_map not in STRATEGIES:
         return {"": _device_name(device_map)}
-    view = sizing_view(model, dtype, kv_bytes_per_layer)
+    view = sizing_view(model, dtype, kv_bytes_per_layer, cpu_layout)
     memory = normalize_max_memory(max_memory)
     memory = {k: (v if k == "disk" else max(0, v - activation_bytes)) for k, v in memory.items()}
     quiet = logging.getLogger("accelerate.utils.modeling")

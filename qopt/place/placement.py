@@ -21,7 +21,8 @@ from ..model.network import LAYER_PREFIX, is_decoder_layer
 from ..utils import FLOAT_DTYPES
 from .device_map import host_placement, infer_device_map, normalize_max_memory
 from .strategies import STRATEGIES
-from .sizes import DeviceMap, activation_bytes, kv_cache_bytes_per_layer, sizing_view
+from ..quant.modules import cpu_repacks
+from .sizes import DeviceMap, activation_bytes, kv_cache_bytes_per_layer, packed_head_bytes, sizing_view
 from .streaming import DEFAULT_PREFETCH_DEPTH
 
 DEFAULT_CONTEXT = 2048  # OPT's max_position_embeddings; smaller models are capped at their own
@@ -89,6 +90,8 @@ class Placement:
     kv_dtype: torch.dtype | None = None
     activation_bytes: int = 0  # on every device that computes
     in_flight_bytes: int = 0  # on the main GPU when layers stream from host RAM
+    cpu_layout: bool = False  # 4-bit layers carry the CPU kernel's layout (a CPU-only map on an AVX512-BF16 CPU)
+    packed_head_bytes: int = 0  # the output head's oneDNN copy, kept on the CPU by generate
 
 
 def place(model: nn.Module, dtype: torch.dtype, device_map: Any = "auto", max_memory: dict[Any, Any] | None = None,
@@ -107,7 +110,9 @@ def place(model: nn.Module, dtype: torch.dtype, device_map: Any = "auto", max_me
     kv_dtype = budget.kv_dtype(dtype, on_cpu) if budget else None
     kv_layer = kv_cache_bytes_per_layer(config, budget.context, budget.batch, kv_dtype) if budget else 0
     act = activation_bytes(config, budget.context, budget.batch, dtype) if budget else 0
-    result = Placement({}, kv_layer, kv_dtype, act)
+    # a CPU-only model is packed for the CPU kernel at load and generate keeps a packed head (when budgeted)
+    result = Placement({}, kv_layer, kv_dtype, act, cpu_layout=on_cpu and cpu_repacks(),
+                       packed_head_bytes=packed_head_bytes(model, dtype) if on_cpu and budget else 0)
     main = next((k for k in memory if k != "disk"), None)
     host = stream_from_host and isinstance(main, int)
     if host:  # every layer's cache and the layers in flight live on the main GPU: reserved before placing
@@ -115,15 +120,16 @@ def place(model: nn.Module, dtype: torch.dtype, device_map: Any = "auto", max_me
         result.in_flight_bytes = (1 + DEFAULT_PREFETCH_DEPTH) * layer_bytes
         reserve = result.in_flight_bytes + config.num_hidden_layers * kv_layer
     else:
-        reserve = 0
+        reserve = result.packed_head_bytes
     while True:
         limits = memory if main is None else {**memory, main: max(0, memory[main] - reserve)}
-        placed = infer_device_map(model, dtype, device_map, limits, 0 if host else kv_layer, act)
+        placed = infer_device_map(model, dtype, device_map, limits, 0 if host else kv_layer, act, result.cpu_layout)
         if stream_from_host:
             placed = host_placement(placed, source)  # no GPU: the one-line error
         if host:
             break
-        needed = kv_layer * sum(1 for name, dev in placed.items() if dev == "disk" and is_decoder_layer(name))
+        needed = result.packed_head_bytes + \
+            kv_layer * sum(1 for name, dev in placed.items() if dev == "disk" and is_decoder_layer(name))
         if needed <= reserve:
             break
         reserve = needed

@@ -23,9 +23,9 @@ from ..model.network import LAYER_PREFIX, decoder_layer_index, is_decoder_layer
 from ..quant.config import QuantizationConfig
 from ..quant.modules import is_quantized
 from ..utils import format_bytes
-from .device_map import format_ranges, normalize_max_memory, summarize
+from .device_map import device_of, format_ranges, normalize_max_memory, summarize
 from .placement import GenerationBudget, computes_on_cpu, default_context, place, resolve_dtype
-from .sizes import DeviceMap, meta_model, sizing_view
+from .sizes import DeviceMap, cpu_layout_bytes, meta_model, sizing_view
 from .strategies import STRATEGIES
 
 logger = logging.getLogger(__name__)
@@ -91,6 +91,8 @@ class MemoryPlan:
     bandwidth_source: str = ""  # how it was obtained ("measured in /tmp", "given")
     stream_buffer_bytes: int = 0  # on the main GPU: host layers brought in at once (the one computing + prefetch)
     kv_dtype: torch.dtype | None = None  # float32 where the whole model computes on the CPU
+    cpu_layout_bytes: int = 0  # on the CPU: the bf16 absmax copies of the 4-bit layers' CPU kernel layout
+    packed_head_bytes: int = 0  # on the CPU: the output head's oneDNN copy that generate keeps
     quant_type: str = ""  # "nf4" / "fp4" for 4-bit plans: spelled out by `flags()`
     double_quant: bool = False
 
@@ -107,7 +109,7 @@ class MemoryPlan:
         used = self.weight_bytes.get(device, 0) + self.kv_cache_bytes.get(device, 0) + \
             (self.activation_bytes if runs else 0)
         if device == "cpu":
-            used += self.weight_bytes.get("host", 0)
+            used += self.weight_bytes.get("host", 0) + self.cpu_layout_bytes + self.packed_head_bytes
         return used + (self.stream_buffer_bytes if device == self.main_device else 0)
 
     @property
@@ -181,6 +183,10 @@ class MemoryPlan:
                 lines.append(f"{dev:8s} {limit:>12s} {format_bytes(self.weight_bytes.get(dev, 0)):>12s} "
                              f"{format_bytes(self.kv_cache_bytes.get(dev, 0)):>12s} {format_bytes(act):>12s} "
                              f"{format_bytes(self.used_bytes(dev)):>12s}")
+        if self.cpu_layout_bytes or self.packed_head_bytes:
+            lines.append(f"cpu also holds (in its total): {format_bytes(self.cpu_layout_bytes)} of CPU kernel layout "
+                         f"(bf16 absmax beside the saved statistics), {format_bytes(self.packed_head_bytes)} of "
+                         f"packed output head (kept by generate)")
         lines.append("device map: " + "; ".join(summarize(self.device_map)))
         lines += self.disk_read_lines() + self.host_copy_lines()
         over = [dev for dev, limit in self.limits.items() if self.used_bytes(dev) > limit]
@@ -256,6 +262,10 @@ def plan(source: OPTConfig | str | os.PathLike, bits: int = 4, max_memory: dict[
             result.kv_cache_bytes[kv_dev] = result.kv_cache_bytes.get(kv_dev, 0) + \
                 layers * placement.kv_bytes_per_layer
     result.stream_buffer_bytes = placement.in_flight_bytes if "host" in device_map.values() else 0
+    if placement.cpu_layout:
+        result.cpu_layout_bytes = sum(cpu_layout_bytes(m) for n, m in model.named_modules()
+                                      if is_quantized(m) and device_of(n, device_map) == "cpu")
+    result.packed_head_bytes = placement.packed_head_bytes
     return result
 
 

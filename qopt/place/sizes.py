@@ -17,10 +17,12 @@ from torch import nn
 from ..model.config import OPTConfig
 from ..model.network import OPTDecoderLayer, OPTForCausalLM
 from ..quant.config import QuantizationConfig
-from ..quant.formats import quantized_weight_bytes
+from ..quant.formats import BLOCKSIZE, quantized_weight_bytes
 from ..quant.modules import bits_of, is_quantized, swap_linears_on_meta
 
 NO_SPLIT = [OPTDecoderLayer.__name__]  # accelerate never splits a decoder layer across devices
+PACKED_HEAD_CACHE_MAX_BYTES = 256 * 2**20  # a larger output head is packed for each generate call, not kept
+ONEDNN_ROW_BLOCK, ONEDNN_COLUMN_BYTES = 64, 64  # the padding of oneDNN's packed matmul weight (fp32 and bf16)
 DeviceMap = dict[str, "int | str"]  # module name -> GPU index, "cpu", "disk" or "host" (stored in RAM, run on the GPU)
 
 
@@ -36,6 +38,31 @@ def _module_bytes(module: nn.Module, dtype: torch.dtype) -> int:
     return size
 
 
+def cpu_layout_bytes(module: nn.Module) -> int:
+    """What a 4-bit Linear computing on a CPU whose kernel repacks it (AVX512-BF16) holds beyond its standard
+    bytes: the absmax as a bf16 copy (the standard statistics stay, for saving)."""
+    if not is_quantized(module) or bits_of(module) != 4:
+        return 0
+    return 2 * -(-module.out_features * module.in_features // BLOCKSIZE)
+
+
+def packed_head_bytes(model: nn.Module, dtype: torch.dtype) -> int:
+    """The oneDNN copy of the output head that CPU generation keeps between calls (up to
+    `PACKED_HEAD_CACHE_MAX_BYTES`; a larger head is packed per call and freed after it)."""
+    head = getattr(model, "lm_head", None)
+    if head is None or is_quantized(head) or dtype not in (torch.bfloat16, torch.float32):
+        return 0
+    size = torch.empty(0, dtype=dtype).element_size()
+    if head.weight.numel() * size > PACKED_HEAD_CACHE_MAX_BYTES:
+        return 0
+    rows, cols = head.weight.shape  # oneDNN's blocked layout pads both (rows to 64, columns to 64 bytes)
+    return _round_up(rows, ONEDNN_ROW_BLOCK) * _round_up(cols, ONEDNN_COLUMN_BYTES // size) * size
+
+
+def _round_up(n: int, block: int) -> int:
+    return -(-n // block) * block
+
+
 class _Bytes(nn.Module):
     """Stands for a quantized layer (or a KV cache) in the sizing view: one meta tensor of its exact byte size."""
 
@@ -44,9 +71,12 @@ class _Bytes(nn.Module):
         self.register_buffer("nbytes", torch.empty(nbytes, dtype=torch.uint8, device="meta"))
 
 
-def sizing_view(model: nn.Module, dtype: torch.dtype, kv_bytes_per_layer: int = 0) -> nn.Module:
-    """A meta copy of `model` whose quantized Linears (and KV caches) are exact-size placeholders."""
-    stand_ins = {id(m): _Bytes(_module_bytes(m, dtype)) for m in model.modules() if is_quantized(m)}
+def sizing_view(model: nn.Module, dtype: torch.dtype, kv_bytes_per_layer: int = 0, cpu_layout: bool = False
+                ) -> nn.Module:
+    """A meta copy of `model` whose quantized Linears (and KV caches) are exact-size placeholders; `cpu_layout`
+    adds what the CPU kernel's layout holds beyond the standard bytes."""
+    stand_ins = {id(m): _Bytes(_module_bytes(m, dtype) + (cpu_layout_bytes(m) if cpu_layout else 0))
+                 for m in model.modules() if is_quantized(m)}
     view = copy.deepcopy(model, memo=stand_ins)  # deepcopy takes what the memo already holds for those ids
     if kv_bytes_per_layer:
         for module in view.modules():

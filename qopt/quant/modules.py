@@ -11,7 +11,7 @@ from typing import Any
 
 import bitsandbytes as bnb
 import torch
-from bitsandbytes.functional import QuantState, dequantize_4bit, int8_vectorwise_dequant
+from bitsandbytes.functional import QuantState, dequantize_4bit, has_avx512bf16, int8_vectorwise_dequant
 from torch import nn
 
 from ..errors import CheckpointError
@@ -106,6 +106,12 @@ class Linear4bit(bnb.nn.Linear4bit):
 
 
 # -- module-level helpers --------------------------------------------------------------------------------------
+def cpu_repacks() -> bool:
+    """Whether 4-bit layers computing on this CPU hold the CPU kernel's layout (bitsandbytes repacks them for its
+    AVX512-BF16 kernel; qopt builds that layout at load)."""
+    return internals.SUPPORTED and bool(has_avx512bf16())
+
+
 def is_quantized(module: nn.Module) -> bool:
     return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
 
