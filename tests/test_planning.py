@@ -8,6 +8,7 @@ from qopt.errors import ConfigError, PlanError
 from qopt.place.device_map import infer_device_map, normalize_max_memory, summarize
 from qopt.place.plan import config_for, plan
 from qopt.place.sizes import meta_model
+from qopt.quant import internals
 from qopt.quant.config import QuantizationConfig
 from qopt.quant.formats import quantized_weight_bytes
 from qopt.quant.modules import is_quantized, quantize_linear
@@ -22,9 +23,11 @@ def held_bytes(module: torch.nn.Module) -> int:
     if is_quantized(module) and hasattr(module.weight, "SCB"):
         tensors.append(module.weight.SCB)
     elif is_quantized(module):
-        state = module.weight.quant_state
+        packed = module.weight.quant_state if internals.is_cpu_packed(module.weight.quant_state) else None
+        state = module._statistics if packed is not None else module.weight.quant_state  # the saved statistics
         tensors += [state.absmax, state.code]
         tensors += [state.offset, state.state2.absmax, state.state2.code] if state.nested else []
+        tensors += [packed.absmax] if packed is not None else []  # the CPU kernel's bf16 copy
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -44,7 +47,7 @@ def test_planned_weight_bytes_equal_the_loaded_model(hf_checkpoint, name):
                   dtype=torch.bfloat16)
     model = qopt.load(folder, quantization=name, torch_dtype=torch.bfloat16, progress=False)
     held = sum(held_bytes(m) for m in model.modules()) - model.lm_head.weight.numel() * 2  # tied: one tensor
-    assert result.weight_bytes == {"cpu": held}
+    assert result.weight_bytes["cpu"] + result.cpu_layout_bytes == held and set(result.weight_bytes) == {"cpu"}
     config = model.config
     # on a CPU-only plan the cache is float32, as `generate` keeps it there
     assert result.kv_cache_bytes == {"cpu": 2 * 2 * 16 * config.hidden_size * 4 * config.num_hidden_layers}
