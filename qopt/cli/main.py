@@ -1,9 +1,10 @@
 """The `qopt` command: argument parsing and one-line errors only; the work lives in the library.
 
 Each subcommand is a module here with `add(subparsers)`, which declares its arguments and sets `handler`;
-`COMMANDS` lists them once, in the order `qopt --help` shows them. Every expected failure (a `QoptError`, a bad
-argument, a missing or unwritable file, a device that does not exist) prints as one line and exits 2; a closed
-pipe (`qopt ... | head`) ends quietly.
+`COMMANDS` lists them once, in the order `qopt --help` shows them. The exit status is a contract CI scripts rely
+on (`EXIT_STATUSES`): every expected failure (a `QoptError`, a bad argument, a missing or unwritable file, a
+device that does not exist) prints as one line and exits 2, an unexpected exception as one line and 3, and `-v`
+adds the traceback without changing the status; a closed pipe (`qopt ... | head`) ends quietly.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import logging
 import os
 import re
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,11 +25,64 @@ COMMANDS = ("info", "eval", "finetune", "merge", "plan", "quantize", "generate",
 _MODULES = {"eval": "evaluate"}  # command -> module where the names differ
 
 
+# the exit statuses, for `qopt --help` and the README: a CI job can tell a regression from a broken setup
+EXIT_STATUSES = ((0, "success"), (1, "a regression (eval --check), a failed rule (check) or a plan that cannot "
+                                    "load (plan)"),
+                 (2, "a usage or input error, or a baseline that is not comparable"),
+                 (3, "an internal error (a bug in qopt or a library: rerun with -v for the traceback)"),
+                 (130, "interrupted (Ctrl-C)"))
+VERSION_LIBRARIES = ("torch", "bitsandbytes", "accelerate", "huggingface_hub")  # what a bug report needs
+
+
+class _VersionAction(argparse.Action):
+    """`qopt --version`: qopt's version and those of the libraries it drives, read from package metadata
+    (no import: it answers in a tenth of a second)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        print(version_text())
+        parser.exit()
+
+
+def version_text() -> str:
+    from importlib import metadata
+
+    parts = [f"qopt {__version__}"]
+    for name in VERSION_LIBRARIES:
+        try:
+            parts.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            parts.append(f"{name} not installed")
+    return ", ".join(parts)
+
+
+class _IntermixedParser(argparse.ArgumentParser):
+    """A subcommand parser that takes options anywhere after the command, between positionals too
+    (`qopt generate DIR --bits 4 "prompt"`), as `parse_intermixed_args` does."""
+
+    _parsing = False
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        if self._parsing:  # parse_known_intermixed_args calls back in here for its two passes
+            return super().parse_known_args(args, namespace)
+        self._parsing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._parsing = False
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qopt", description="OPT language models in low-bit precision.")
-    parser.add_argument("--version", action="version", version=f"qopt {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks and library logs")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    epilog = "exit status:\n" + "\n".join(f"  {code:<4} {meaning}" for code, meaning in EXIT_STATUSES)
+    parser = argparse.ArgumentParser(prog="qopt", description="OPT language models in low-bit precision.",
+                                     epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action=_VersionAction,
+                        help="print the versions of qopt, torch, bitsandbytes, accelerate and huggingface_hub")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show tracebacks and library logs (the exit status stays the same)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_IntermixedParser)
     for command in COMMANDS:
         importlib.import_module(f"{__package__}.{_MODULES.get(command, command)}").add(sub)
     return parser
@@ -57,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except (QoptError, ValueError, OSError) as err:
         if verbose:
-            raise
+            traceback.print_exc()
         message = str(err) if not isinstance(err, OSError) or not err.filename else \
             f"{err.filename}: {err.strerror or err}"
         print(f"qopt {args.command}: error: {cli_words(err, message, args.handler)}", file=sys.stderr)
@@ -65,3 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\nqopt {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # a bug: one line and its own status, never mistaken for a regression (1)
+        if verbose:
+            traceback.print_exc()
+        message = " ".join(str(err).split())[:300] or "(no message)"
+        print(f"qopt {args.command}: internal error: {type(err).__name__}: {cli_words(err, message, args.handler)}"
+              + ("" if verbose else " (run with -v for the traceback)"), file=sys.stderr)
+        return 3
