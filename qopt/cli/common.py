@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each flag's default after its help (flags without a meaningful default say nothing)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False, argparse.SUPPRESS) or not action.help:
+        if action.default in (None, False, argparse.SUPPRESS) or not action.help \
+                or isinstance(action, argparse._StoreFalseAction):  # "--no-x (default: True)" reads backwards
             return action.help or ""
         return super()._get_help_string(action)
 
@@ -111,6 +113,8 @@ def parse_max_memory(items: list[str] | None) -> dict[int | str, int] | None:
         key: int | str = int(device) if device.isdigit() else device
         if not isinstance(key, int) and key not in ("cpu", "disk"):
             raise ValueError(f"--max-memory {item!r}: the device is a GPU index (0, 1, ...), cpu or disk")
+        if key in memory:
+            raise ValueError(f"--max-memory {item!r}: device {key} is given twice; give each device once")
         try:
             memory[key] = parse_size(size)
         except ValueError as err:
@@ -167,7 +171,7 @@ def add_hub(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--revision", metavar="REV", help="branch, tag or commit of a Hub model (default: main)")
     g.add_argument("--no-keep-download", dest="keep_download", action="store_false",
                    help="stream the shards through a scratch folder, at most two at a time, each deleted once read, "
-                        "instead of keeping them in the HF cache")
+                        "instead of keeping them in the HF cache (default: keep them in the cache)")
 
 
 def hub_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -196,11 +200,15 @@ def add_output(parser: argparse.ArgumentParser, help: str, required: bool = True
 
 
 def writable_file(path: str | None, flag: str) -> None:
-    """Refuse an output file whose folder does not exist (or is not writable) before any work starts."""
+    """Before any work starts: create the missing folders above an output (file or folder), saying so on
+    stderr, as every command does; refuse one that cannot be written."""
     if path is None:
         return
     parent = Path(path).expanduser().resolve().parent
+    if not parent.exists():
+        parent.mkdir(parents=True)  # an OSError (a file in the way, no permission) is the one-line error
+        print(f"qopt: created folder {parent} for {flag} {path}", file=sys.stderr)
     if not parent.is_dir():
-        raise ValueError(f"{flag} {path}: folder {parent} does not exist")
+        raise ValueError(f"{flag} {path}: {parent} is not a folder")
     if not os.access(parent, os.W_OK):
         raise ValueError(f"{flag} {path}: folder {parent} is not writable")

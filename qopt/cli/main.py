@@ -88,14 +88,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# library argument -> flag, for every command (a command's own API_FLAGS come first). A name with an underscore
+# is a Python identifier wherever it appears, so its bare form is replaced too; a keyword with a value
+# (`offload_folder=`, `top_p=2.0`, `revision='x'`) always is.
+COMMON_FLAGS = {"offload_folder": "--offload-folder", "max_memory": "--max-memory", "device_map": "--device-map",
+                "stream_from_host": "--stream-from-host", "revision": "--revision",
+                "keep_download=False": "--no-keep-download", "overwrite=True": "--force",
+                "check_base=False": "--ignore-base", "resume=False": "--no-resume",
+                "max_new_tokens": "--max-new-tokens", "num_beams": "--num-beams", "top_p": "--top-p",
+                "top_k": "--top-k", "temperature": "--temperature", "repetition_penalty": "--repetition-penalty",
+                "do_sample=True": "--do-sample", "torch_dtype": "--dtype", "quantization": "--quantization"}
+# whole phrases where a message already names the flag beside the keyword, or names a Python-only remedy
+_PHRASES = ((re.compile(r"\b\w+='(\w+)' / (--[\w-]+ \1)"), r"\2"),
+            (re.compile(r"\bkeep_download=False \((--no-keep-download)\)"), r"\1"),
+            (re.compile(r"HF_HUB_CACHE / cache_dir="), "HF_HUB_CACHE"),
+            (re.compile(r"device_map=\{'': \d+\} \(the local rank; (--device-map cuda:\d+)\)"), r"\1 (the local rank)"),
+            (re.compile(r"\bgenerate\(\): "), ""))
+_BEFORE = r"(?<![\w./-])"
+
+
+def _spell(message: str, name: str, flag: str) -> str:
+    if "=" in name:  # a keyword with its value: overwrite=True -> --force
+        return re.sub(rf"{_BEFORE}{re.escape(name)}(?![\w.])", flag, message)
+    message = re.sub(rf"{_BEFORE}{re.escape(name)}=(True\b)?('[^']*'|[^\s;,)]*)",
+                     lambda m: flag + (f" {m.group(2).strip(chr(39))}" if m.group(2) else ""), message)
+    return re.sub(rf"{_BEFORE}{re.escape(name)}(?![\w=])", flag, message) if "_" in name else message
+
+
 def cli_words(err: Exception, message: str, handler: Callable[..., Any]) -> str:
     """The library names its Python arguments (`max_windows`, `resume=False`); a command-line user needs the
-    flag. Each command module maps them in `API_FLAGS`; an `OptionError` names its remedy exactly."""
-    flags = getattr(sys.modules[handler.__module__], "API_FLAGS", {})
+    flag. Each command module maps its own in `API_FLAGS`, `COMMON_FLAGS` those of every command; an
+    `OptionError` names its remedy exactly."""
+    own = getattr(sys.modules[handler.__module__], "API_FLAGS", {})
+    flags = {**COMMON_FLAGS, **own}
     if isinstance(err, OptionError) and err.option in flags:
-        return str(err.spelled(flags[err.option]))
-    for name, flag in flags.items():
-        message = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w=])", flag, message)
+        message = str(err.spelled(flags[err.option]))
+    for pattern, replacement in _PHRASES:
+        message = pattern.sub(replacement, message)
+    for name in sorted(flags, key=len, reverse=True):
+        message = _spell(message, name, flags[name])
     return message
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..quant.presets import PRESETS
-from .common import add_output, add_parser
+from .common import add_output, add_parser, writable_file
 
 API_FLAGS = {"base_quantization": "--base-quantization", "bits": "--bits", "method": "--method"}
 
@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.windows < 1:
         raise ValueError(f"--windows must be at least 1, got {args.windows}")
+    writable_file(args.output, "--output")
     text = Path(args.calibration_data).read_text(encoding="utf-8") if args.calibration_data else None
     eval_text = Path(args.eval_data).read_text(encoding="utf-8") if args.eval_data else None
     base_quantization = None if args.base_quantization == "none" else args.base_quantization
