@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -212,3 +213,48 @@ def writable_file(path: str | None, flag: str) -> None:
         raise ValueError(f"{flag} {path}: {parent} is not a folder")
     if not os.access(parent, os.W_OK):
         raise ValueError(f"{flag} {path}: folder {parent} is not writable")
+
+
+# -- load progress --------------------------------------------------------------------------------------------
+def show_bars() -> bool:
+    """Progress bars go to a terminal; a log or a pipe gets one summary line per load instead."""
+    return sys.stderr.isatty()
+
+
+def start_load(args: argparse.Namespace, model: str) -> float:
+    """The first line on a terminal, printed before the heavy imports (torch, bitsandbytes: seconds) so a
+    user sees at once that the command runs; returns the start time for `end_load`."""
+    if show_bars():
+        print(f"qopt {args.command}: loading {model} ...", file=sys.stderr, flush=True)
+    return time.perf_counter()
+
+
+def end_load(args: argparse.Namespace, model: Any, name: str, began: float) -> None:
+    """One line on stderr once the model is in: how long it took and where its weights are."""
+    from ..evaluation.footprint import weight_footprint
+    from ..utils import format_bytes
+
+    foot = weight_footprint(model)
+    places = ", ".join(f"{format_bytes(n)} {place}" for place, n in foot.where.items())
+    print(f"qopt {args.command}: loaded {name} in {time.perf_counter() - began:.1f} s "
+          f"({format_bytes(foot.bytes)} of weights: {places})", file=sys.stderr, flush=True)
+
+
+def local_folder(path: str, revision: str | None = None) -> Path | None:
+    """The folder whose config.json and tokenizer can be read before the load: the MODEL folder, or a Hub
+    model's snapshot already in the HF cache (no network); None when only the download would tell."""
+    from ..io.hub import cached_folder
+
+    folder = Path(path).expanduser()
+    return folder if folder.is_dir() else cached_folder(path, revision)
+
+
+def check_positions(folder: Path, tokens: int, new_tokens: int, what: str = "the prompt") -> None:
+    """A prompt that cannot fit the model's positions fails before the load, from config.json."""
+    from ..model.config import OPTConfig
+
+    limit = OPTConfig.from_pretrained(folder).max_position_embeddings
+    if tokens + new_tokens > limit:
+        raise ValueError(f"{what} is {tokens} tokens + --max-new-tokens {new_tokens} = {tokens + new_tokens} "
+                         f"positions, more than the model's {limit} (max_position_embeddings in {folder}/config.json); "
+                         f"shorten the prompt or lower --max-new-tokens")

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 
 from .common import (DEFAULT_MODEL_HELP, add_checkpointing, add_output, add_parser, add_placement, add_precision,
-                     checkpointing, model_path, placement, preset, writable_file)
+                     checkpointing, model_path, placement, preset, start_load,
+                     writable_file)
 
 
 # library argument -> this command's flag, in error messages
@@ -64,11 +65,12 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    writable_file(args.output, "--output")
+    start_load(args, model_path(args.model))
     from ..finetuning.lora import ALL_LINEAR, LoraConfig
     from ..finetuning.recipe import finetune
     from ..finetuning.trainer import TrainingArguments
 
-    writable_file(args.output, "--output")
     targets = ALL_LINEAR if args.target_modules == [ALL_LINEAR] else args.target_modules
     lora = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=targets,
                       bias=args.bias, modules_to_save=args.modules_to_save, use_rslora=args.rslora,

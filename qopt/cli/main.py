@@ -97,7 +97,8 @@ COMMON_FLAGS = {"offload_folder": "--offload-folder", "max_memory": "--max-memor
                 "check_base=False": "--ignore-base", "resume=False": "--no-resume",
                 "max_new_tokens": "--max-new-tokens", "num_beams": "--num-beams", "top_p": "--top-p",
                 "top_k": "--top-k", "temperature": "--temperature", "repetition_penalty": "--repetition-penalty",
-                "do_sample=True": "--do-sample", "torch_dtype": "--dtype", "quantization": "--quantization"}
+                "do_sample=True": "--do-sample", "torch_dtype": "--dtype", "quantization": "--quantization",
+                "fp16=True": "--fp16", "bf16=True": "--bf16"}
 # whole phrases where a message already names the flag beside the keyword, or names a Python-only remedy
 _PHRASES = ((re.compile(r"\b\w+='(\w+)' / (--[\w-]+ \1)"), r"\2"),
             (re.compile(r"\bkeep_download=False \((--no-keep-download)\)"), r"\1"),
@@ -130,10 +131,24 @@ def cli_words(err: Exception, message: str, handler: Callable[..., Any]) -> str:
     return message
 
 
+class _FlagWords(logging.Filter):
+    """Library log notices (an adapter applied to a renamed base, fp16 on a CPU) in the command's flag words."""
+
+    def __init__(self, handler: Callable[..., Any]) -> None:
+        super().__init__()
+        self.handler = handler
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = cli_words(Exception(), record.getMessage(), self.handler), ()
+        return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     verbose = getattr(args, "verbose", False)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    for log_handler in logging.getLogger().handlers:  # library notices name flags too
+        log_handler.addFilter(_FlagWords(args.handler))
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         return int(args.handler(args) or 0)

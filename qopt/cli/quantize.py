@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from .common import (DEFAULT_MODEL_HELP, add_hub, add_output, add_parser, add_precision, hub_options, model_path,
-                     preset, writable_file)
+                     preset, start_load, writable_file)
 
 
 API_FLAGS = {"overwrite=True": "--force"}  # library argument -> this command's flag, in error messages
@@ -46,6 +46,7 @@ def _quantize_preset(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    start_load(args, model_path(args.model))
     from ..io.outputs import check_output_folder
     from ..utils import format_bytes
 
