@@ -147,9 +147,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     verbose = getattr(args, "verbose", False)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
-    for log_handler in logging.getLogger().handlers:  # library notices name flags too
-        log_handler.addFilter(_FlagWords(args.handler))
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    words = _FlagWords(args.handler)  # library notices name flags too
+    for log_handler in logging.getLogger().handlers:
+        log_handler.addFilter(words)
+    try:
+        return _run(args, verbose)
+    finally:
+        for log_handler in logging.getLogger().handlers:
+            log_handler.removeFilter(words)
+
+
+def _run(args: argparse.Namespace, verbose: bool) -> int:
+    """The command's handler, with every outcome mapped to its exit status (`EXIT_STATUSES`)."""
     try:
         return int(args.handler(args) or 0)
     except BrokenPipeError:  # the reader went away (`| head`): nothing more to say to anyone

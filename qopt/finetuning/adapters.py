@@ -196,6 +196,18 @@ def _hub_identity(name: str) -> tuple[str | None, str | None]:
     return (name.lower(), None) if "/" in name and is_hub_id(name) else (None, None)
 
 
+def _hub_difference(ours: str, theirs: str, revision: str | None) -> str | None:
+    """Another Hub model or another commit, where both sides name one."""
+    (our_repo, our_commit), (their_repo, their_commit) = _hub_identity(ours), _hub_identity(theirs)
+    their_commit = their_commit or revision
+    if our_repo and their_repo:
+        if our_repo != their_repo:
+            return f"another Hub model ({their_repo}, this model is {our_repo})"
+        if our_commit and their_commit and our_commit != their_commit:
+            return f"another revision of {our_repo} ({their_commit}, this model is {our_commit})"
+    return None
+
+
 def _in_out(module: nn.Module) -> tuple[int | None, int | None]:
     base = getattr(module, "base_layer", module)  # a module that already carries another adapter
     return getattr(base, "in_features", None), getattr(base, "out_features", None)
@@ -207,13 +219,9 @@ def base_difference(model: nn.Module, config: LoraConfig, state: dict[str, torch
     every LoRA tensor fits its module) plus the Hub id and revision where both sides name one; None if it fits.
     A same-shape base with other weights fits, as in PEFT: only a Hub id or commit can tell those apart."""
     ours, theirs = str(getattr(model, "name_or_path", "") or ""), str(config.base_model_name_or_path or "")
-    (our_repo, our_commit), (their_repo, their_commit) = _hub_identity(ours), _hub_identity(theirs)
-    their_commit = their_commit or revision
-    if our_repo and their_repo:
-        if our_repo != their_repo:
-            return f"another Hub model ({their_repo}, this model is {our_repo})"
-        if our_commit and their_commit and our_commit != their_commit:
-            return f"another revision of {our_repo} ({their_commit}, this model is {our_commit})"
+    hub = _hub_difference(ours, theirs, revision)
+    if hub:
+        return hub
     leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     if isinstance(config.target_modules, list):
         absent = [t for t in config.target_modules if t not in leaves]
@@ -253,7 +261,13 @@ def _check_base(model: nn.Module, config: LoraConfig, state: dict[str, torch.Ten
     to print once the adapter is in is returned."""
     _check_task(model, config, source)
     ours, theirs = getattr(model, "name_or_path", None), config.base_model_name_or_path
-    if not ours or not theirs or _base_name(ours) == _base_name(theirs):
+    if not ours or not theirs:
+        return None
+    if _base_name(ours) == _base_name(theirs):  # the same name: only a Hub commit can still tell them apart
+        difference = _hub_difference(str(ours), str(theirs), revision)
+        if difference:
+            raise AdapterError(f"{source}: made for base model {theirs!r}, this model {ours!r} differs: "
+                               f"{difference} (pass check_base=False to apply it anyway)")
         return None
     difference = base_difference(model, config, state, revision)
     if difference:
