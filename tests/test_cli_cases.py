@@ -95,8 +95,13 @@ def test_an_offloaded_model_reports_its_weights_wherever_they_are_and_its_ram_ap
     assert offloaded.where["disk"] + offloaded.ram_bytes == full.bytes
     report = qopt.compare_precisions(BUNDLED, ["nf4"], max_windows=1, reference=False, progress=False,
                                      placement=placement)
-    row = report.rows[0]
-    assert row.ram_bytes is not None and row.ram_bytes < row.weight_bytes
+    row = report.rows[0]  # measured after the evaluation: the layers in RAM in their CPU-repacked state
+    in_memory = qopt.compare_precisions(BUNDLED, ["nf4"], max_windows=1, reference=False, progress=False).rows[0]
+    assert row.ram_bytes is not None and row.ram_bytes < row.weight_bytes and in_memory.ram_bytes is None
+    assert row.params == in_memory.params  # the offloaded layers' parameters counted too
+    assert abs(row.weight_bytes - in_memory.weight_bytes) < 0.01 * in_memory.weight_bytes  # was 483 vs 932 MB
+    # (4.55 against 4.76: the in-RAM layers keep their original statistics beside the repacked ones; was 2.59)
+    assert abs(row.linear_bits_per_param - in_memory.linear_bits_per_param) < 0.25
     assert "MB of them in RAM" in report.to_markdown()
 
 

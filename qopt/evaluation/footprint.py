@@ -124,7 +124,7 @@ def _offloaded(model: nn.Module, linear_names: set[str]) -> tuple[dict[str, int]
     for key in getattr(disk, "index", {}):
         if key.endswith(".weight_format"):  # a serialization flag of int8 layers, not held by a loaded one
             continue
-        info = disk.index[key]
+        info = disk.index[key]  # the standard layout (the folder's CPU-layout copies are a rebuild cache)
         itemsize = getattr(torch, str(info["dtype"]).removeprefix("torch."), torch.uint8).itemsize
         entries.append(("disk", key, math.prod(info["shape"]) * itemsize))
     for key, tensor in getattr(model, "_qopt_host", {}).items():
@@ -149,15 +149,19 @@ def weight_footprint(model: nn.Module) -> Footprint:
     where: dict[str, int] = {}
     for m in model.modules():
         _places(_module_tensors(m), seen, where)
-    params = sum(_logical_numel(p) for p in model.parameters()) + sum(b.numel() for b in model.buffers())
     quantized = [m for m in model.modules() if isinstance(m, _bnb_linear_types())]
+    # a quantized weight's elements from its layer's shape: an offloaded layer between forwards holds a meta
+    # tensor of the packed shape without its quant_state
+    logical = {id(m.weight): m.in_features * m.out_features for m in quantized}
+    params = sum(logical.get(id(p)) or _logical_numel(p) for p in model.parameters()) + \
+        sum(b.numel() for b in model.buffers())
     if quantized:
         linears = quantized
     else:
         embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
         linears = [m for m in model.modules() if isinstance(m, nn.Linear) and id(m.weight) not in embeddings]
     linear_bytes = sum(_storage_bytes(_module_tensors(m, skip=("bias",))) for m in linears)
-    linear_params = sum(_logical_numel(m.weight) for m in linears)
+    linear_params = sum(logical.get(id(m.weight)) or _logical_numel(m.weight) for m in linears)
     ids = {id(m) for m in linears}
     offloaded, offloaded_linear = _offloaded(model, {n for n, m in model.named_modules() if id(m) in ids})
     for place, nbytes in offloaded.items():
