@@ -91,8 +91,8 @@ class ComparisonReport:
                          f"{r.seconds:.1f} |")
         for r in self.rows:
             if r.ram_bytes is not None:
-                lines.append(f"\n{r.precision}: {r.weight_bytes / 1e6:.2f} MB of weights, {r.ram_bytes / 1e6:.2f} MB of "
-                             f"them in RAM (the rest on the GPU or on disk)")
+                lines.append(f"\n{r.precision}: {r.weight_bytes / 1e6:.2f} MB of weights, {r.ram_bytes / 1e6:.2f} MB "
+                             f"of them in RAM (the rest on the GPU or on disk)")
         ratios = self.gap_ratios()
         for row, rtn in self._calibrated_pairs():
             if row.precision in ratios:
