@@ -89,10 +89,14 @@ def test_an_offloaded_model_reports_its_weights_wherever_they_are_and_its_ram_ap
     cpu = full.bytes - len(model.model.decoder.layers) * layer + 2 * layer + layer // 2
     placement = {"device_map": "auto", "max_memory": {"cpu": cpu}, "offload_folder": str(tmp_path / "off")}
     offloaded = qopt.weight_footprint(qopt.load(BUNDLED, quantization="nf4", progress=False, **placement))
-    assert offloaded.bytes == full.bytes and offloaded.linear_bytes == full.linear_bytes
-    assert offloaded.linear_bits_per_param == full.linear_bits_per_param
-    assert full.ram_bytes == full.bytes and offloaded.ram_bytes < full.bytes
-    assert offloaded.where["disk"] + offloaded.ram_bytes == full.bytes
+    # the disk layers count as stored there (bitsandbytes' layout); in RAM a 4-bit layer on a CPU also keeps its
+    # original statistics beside the repacked ones, so the two agree within that, not to the byte (before, the
+    # offloaded model reported only its RAM: 483.77 MB against 932.84 MB for NF4 1.3B)
+    assert offloaded.params == full.params and offloaded.linear_params == full.linear_params
+    assert abs(offloaded.bytes - full.bytes) < 0.01 * full.bytes
+    assert abs(offloaded.linear_bits_per_param - full.linear_bits_per_param) < 0.25
+    assert full.ram_bytes == full.bytes and offloaded.ram_bytes < 0.95 * full.bytes
+    assert offloaded.where["disk"] + offloaded.ram_bytes == offloaded.bytes
     report = qopt.compare_precisions(BUNDLED, ["nf4"], max_windows=1, reference=False, progress=False,
                                      placement=placement)
     row = report.rows[0]  # measured after the evaluation: the layers in RAM in their CPU-repacked state
