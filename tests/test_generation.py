@@ -334,4 +334,4 @@ def test_generate_text_and_cli(hf_checkpoint, capsys):
     assert main(["generate", str(folder), "Hello world", "--bits", "4", "--max-new-tokens", "3", "--stream",
                  "--do-sample", "--seed", "1"]) == 0
     assert main(["generate", str(folder), "Hello", "--top-p", "3"]) == 2
-    assert "top_p" in capsys.readouterr().err
+    assert "--top-p 3.0: expected a number in (0, 1]" in capsys.readouterr().err  # the flag, before the load

@@ -233,9 +233,12 @@ def test_refuses_adapter_for_a_different_base(hf_checkpoint, tmp_path):
         load_adapter(other, tmp_path / "a", check_base=False)
     assert not hasattr(other, "lora_adapters") and not any(isinstance(m, LoraLinear) for m in other.modules())
     fresh = qopt.OPTForCausalLM.from_pretrained(folder)
-    fresh.name_or_path = "/models/opt-other"
-    with pytest.raises(AdapterError, match="made for base model 'org/opt-tiny'"):
+    fresh.name_or_path = "org/opt-other"  # another Hub model: refused
+    with pytest.raises(AdapterError, match="made for base model 'org/opt-tiny'.*another Hub model"):
         load_adapter(fresh, tmp_path / "a")
+    fresh.name_or_path = "/models/opt-other"  # a folder of the same shape (copied, renamed): applied, as in PEFT
+    load_adapter(fresh, tmp_path / "a")
+    fresh = qopt.OPTForCausalLM.from_pretrained(folder)
     fresh.name_or_path = "/somewhere/opt-tiny/"
     load_adapter(fresh, tmp_path / "a")  # same name, other folder: accepted
 

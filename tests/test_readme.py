@@ -94,3 +94,6 @@ def test_cli_line_runs_as_written(line, workdir):
     args = command(substitute(line), workdir)
     result = subprocess.run(args, cwd=workdir, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"{line}\n{' '.join(args)}\n{result.stderr[-3000:]}"
+    from test_cli_contract import assert_flag_words
+
+    assert_flag_words(result.stderr)  # flags, never the library's keyword arguments

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each flag's default after its help (flags without a meaningful default say nothing)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False, argparse.SUPPRESS) or not action.help:
+        if action.default in (None, False, argparse.SUPPRESS) or not action.help \
+                or isinstance(action, argparse._StoreFalseAction):  # "--no-x (default: True)" reads backwards
             return action.help or ""
         return super()._get_help_string(action)
 
@@ -111,6 +114,8 @@ def parse_max_memory(items: list[str] | None) -> dict[int | str, int] | None:
         key: int | str = int(device) if device.isdigit() else device
         if not isinstance(key, int) and key not in ("cpu", "disk"):
             raise ValueError(f"--max-memory {item!r}: the device is a GPU index (0, 1, ...), cpu or disk")
+        if key in memory:
+            raise ValueError(f"--max-memory {item!r}: device {key} is given twice; give each device once")
         try:
             memory[key] = parse_size(size)
         except ValueError as err:
@@ -167,7 +172,7 @@ def add_hub(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--revision", metavar="REV", help="branch, tag or commit of a Hub model (default: main)")
     g.add_argument("--no-keep-download", dest="keep_download", action="store_false",
                    help="stream the shards through a scratch folder, at most two at a time, each deleted once read, "
-                        "instead of keeping them in the HF cache")
+                        "instead of keeping them in the HF cache (default: keep them in the cache)")
 
 
 def hub_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -196,11 +201,60 @@ def add_output(parser: argparse.ArgumentParser, help: str, required: bool = True
 
 
 def writable_file(path: str | None, flag: str) -> None:
-    """Refuse an output file whose folder does not exist (or is not writable) before any work starts."""
+    """Before any work starts: create the missing folders above an output (file or folder), saying so on
+    stderr, as every command does; refuse one that cannot be written."""
     if path is None:
         return
     parent = Path(path).expanduser().resolve().parent
+    if not parent.exists():
+        parent.mkdir(parents=True)  # an OSError (a file in the way, no permission) is the one-line error
+        print(f"qopt: created folder {parent} for {flag} {path}", file=sys.stderr)
     if not parent.is_dir():
-        raise ValueError(f"{flag} {path}: folder {parent} does not exist")
+        raise ValueError(f"{flag} {path}: {parent} is not a folder")
     if not os.access(parent, os.W_OK):
         raise ValueError(f"{flag} {path}: folder {parent} is not writable")
+
+
+# -- load progress --------------------------------------------------------------------------------------------
+def show_bars() -> bool:
+    """Progress bars go to a terminal; a log or a pipe gets one summary line per load instead."""
+    return sys.stderr.isatty()
+
+
+def start_load(args: argparse.Namespace, model: str) -> float:
+    """The first line on a terminal, printed before the heavy imports (torch, bitsandbytes: seconds) so a
+    user sees at once that the command runs; returns the start time for `end_load`."""
+    if show_bars():
+        print(f"qopt {args.command}: loading {model} ...", file=sys.stderr, flush=True)
+    return time.perf_counter()
+
+
+def end_load(args: argparse.Namespace, model: Any, name: str, began: float) -> None:
+    """One line on stderr once the model is in: how long it took and where its weights are."""
+    from ..evaluation.footprint import weight_footprint
+    from ..utils import format_bytes
+
+    foot = weight_footprint(model)
+    places = ", ".join(f"{format_bytes(n)} {place}" for place, n in foot.where.items())
+    print(f"qopt {args.command}: loaded {name} in {time.perf_counter() - began:.1f} s "
+          f"({format_bytes(foot.bytes)} of weights: {places})", file=sys.stderr, flush=True)
+
+
+def local_folder(path: str, revision: str | None = None) -> Path | None:
+    """The folder whose config.json and tokenizer can be read before the load: the MODEL folder, or a Hub
+    model's snapshot already in the HF cache (no network); None when only the download would tell."""
+    from ..io.hub import cached_folder
+
+    folder = Path(path).expanduser()
+    return folder if folder.is_dir() else cached_folder(path, revision)
+
+
+def check_positions(folder: Path, tokens: int, new_tokens: int, what: str = "the prompt") -> None:
+    """A prompt that cannot fit the model's positions fails before the load, from config.json."""
+    from ..model.config import OPTConfig
+
+    limit = OPTConfig.from_pretrained(folder).max_position_embeddings
+    if tokens + new_tokens > limit:
+        raise ValueError(f"{what} is {tokens} tokens + --max-new-tokens {new_tokens} = {tokens + new_tokens} "
+                         f"positions, more than the model's {limit} (max_position_embeddings in {folder}/config.json); "
+                         f"shorten the prompt or lower --max-new-tokens")

@@ -5,7 +5,7 @@ import argparse
 from typing import Any
 
 from .common import (DEFAULT_MODEL_HELP, add_parser, add_placement, generation_budget, model_path, placement,
-                     writable_file)
+                     show_bars, start_load, writable_file)
 
 API_FLAGS = {"max_windows": "--windows"}  # library argument -> this command's flag, in error messages
 _TOLERANCE_FLAGS = ("tolerance", "kl_tolerance", "kl_floor", "top1_tolerance", "no_digest")
@@ -18,6 +18,8 @@ def add(sub: argparse._SubParsersAction) -> None:
                                 "regression gate (--check)")
     p.add_argument("model", nargs="?", help=DEFAULT_MODEL_HELP)
     p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter folder (PEFT format) applied at every precision")
+    p.add_argument("--ignore-base", action="store_true", help="apply --adapter even to a base it was not made for "
+                   "(by default one that differs only by name or folder is accepted, another shape refused)")
     p.add_argument("--compare", action="store_true", help="measure several precisions side by side")
     p.add_argument("--precisions", nargs="+", metavar="P",
                    help=f"with --compare (default: {' '.join(DEFAULT_PRECISIONS)}); add -calibrated to a "
@@ -58,15 +60,16 @@ def _tolerance_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    for flag, path in (("--json", args.json), ("--plot", args.plot), ("--write-baseline", args.write_baseline)):
+        writable_file(path, flag)  # before minutes of evaluation, not after
+    start_load(args, args.model or (f"the model of {args.check}" if args.check else model_path(None)))
     from ..evaluation import gate
     from ..evaluation.compare import compare_precisions, stored_precision
     from ..evaluation.precisions import DEFAULT_PRECISIONS
 
-    for flag, path in (("--json", args.json), ("--plot", args.plot), ("--write-baseline", args.write_baseline)):
-        writable_file(path, flag)  # before minutes of evaluation, not after
     where = placement(args)
     options = {"placement": {k: v for k, v in where.items() if k != "torch_dtype"},
-               "adapter": args.adapter}
+               "adapter": args.adapter, "check_base": not args.ignore_base, "load_progress": show_bars()}
     if args.check:  # the window length is the baseline's: only an explicit --context is reserved
         options["placement"].update(generation_budget(args, where, "", 0) if args.context else {})
     else:  # one window at a time, of --seqlen tokens (default: the model's positions)

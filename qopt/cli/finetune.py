@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 
 from .common import (DEFAULT_MODEL_HELP, add_checkpointing, add_output, add_parser, add_placement, add_precision,
-                     checkpointing, model_path, placement, preset)
+                     checkpointing, model_path, placement, preset, start_load,
+                     writable_file)
 
 
 # library argument -> this command's flag, in error messages
@@ -64,6 +65,8 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    writable_file(args.output, "--output")
+    start_load(args, model_path(args.model))
     from ..finetuning.lora import ALL_LINEAR, LoraConfig
     from ..finetuning.recipe import finetune
     from ..finetuning.trainer import TrainingArguments

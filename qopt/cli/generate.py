@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from .common import (DEFAULT_MODEL_HELP, add_hub, add_parser, add_placement, add_precision, generation_budget,
-                     hub_options, model_path, placement, preset)
+from .common import (DEFAULT_MODEL_HELP, add_hub, add_parser, add_placement, add_precision, check_positions,
+                     end_load, generation_budget, hub_options, local_folder, model_path, placement, preset, show_bars,
+                     start_load)
 
 
 API_FLAGS = {"max_new_tokens": "--max-new-tokens", "num_beams": "--num-beams"}  # library argument -> this flag
@@ -17,6 +18,8 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help=f"the prompt, after an optional MODEL ({DEFAULT_MODEL_HELP}); with --prompts-file only "
                         "the optional MODEL")
     p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter folder (PEFT format) to apply to the model")
+    p.add_argument("--ignore-base", action="store_true", help="apply --adapter even to a base it was not made for "
+                   "(by default one that differs only by name or folder is accepted, another shape refused)")
     add_precision(p, (4, 8, 16), "4 = --quant-type, 8 = LLM.int8, 16 = unquantized (default: as saved)")
     add_placement(p)
     g = p.add_argument_group("decoding")
@@ -39,12 +42,23 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
+def check_decoding(args: argparse.Namespace) -> None:
+    """The decoding flags against the ranges `GenerationConfig` accepts, before anything is imported or loaded."""
+    checks = (("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 0, "an integer >= 0"),
+              ("--temperature", args.temperature, args.temperature is None or args.temperature > 0, "a number > 0"),
+              ("--top-p", args.top_p, args.top_p is None or 0 < args.top_p <= 1, "a number in (0, 1]"),
+              ("--top-k", args.top_k, args.top_k is None or args.top_k >= 0, "an integer >= 0 (0: all tokens)"),
+              ("--num-beams", args.num_beams, args.num_beams >= 1, "an integer >= 1"),
+              ("--repetition-penalty", args.repetition_penalty, args.repetition_penalty > 0,
+               "a number > 0 (1.0: no penalty)"),
+              ("--seed", args.seed, args.seed is None or args.seed >= 0, "an integer >= 0"))
+    for flag, value, ok, expected in checks:
+        if not ok:
+            raise ValueError(f"{flag} {value}: expected {expected}")
+
+
 def run(args: argparse.Namespace) -> int:
-    import qopt
-
-    from ..generation.decoding import generate_text
-    from ..model.tokenizer import tokenizer_for
-
+    check_decoding(args)
     if args.prompts_file:
         from .generate_many import run_many
 
@@ -57,13 +71,24 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"expected [MODEL] PROMPT, got {len(args.words)} arguments; quote the prompt")
     path = model_path(args.words[0] if len(args.words) == 2 else None)
     quantization = preset(args)
-    tokenizer = tokenizer_for(path)
+    began = start_load(args, path)  # before the imports and placement(), which import torch
+    import qopt
+
+    from ..generation.decoding import generate_text
+    from ..model.tokenizer import tokenizer_for
+
     where = placement(args)
+    folder = local_folder(path, args.revision)
+    tokenizer = tokenizer_for(folder if folder is not None else path)
+    prompt_tokens = len(tokenizer.encode(args.words[-1]))
+    if folder is not None:  # the prompt's length is known before the load
+        check_positions(folder, prompt_tokens, args.max_new_tokens)
     rows = max(1, args.num_beams)  # beam search decodes a row per beam
-    budget = generation_budget(args, where, path, len(tokenizer.encode(args.words[-1])) + args.max_new_tokens, rows)
-    model = qopt.load(path, quantization=quantization, progress=False, **where, **budget, **hub_options(args))
+    budget = generation_budget(args, where, path, prompt_tokens + args.max_new_tokens, rows)
+    model = qopt.load(path, quantization=quantization, progress=show_bars(), **where, **budget, **hub_options(args))
     if args.adapter:
-        qopt.load_adapter(model, args.adapter)
+        qopt.load_adapter(model, args.adapter, check_base=not args.ignore_base)
+    end_load(args, model, path, began)
     options = {"top_k": args.top_k, "temperature": args.temperature, "top_p": args.top_p}
     sample = args.do_sample or args.temperature is not None or args.top_p is not None
     prompt = args.words[-1]

@@ -8,7 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from .common import generation_budget, model_path, placement, preset, writable_file
+from .common import (check_positions, end_load, generation_budget, local_folder, model_path, placement, preset,
+                     show_bars, start_load, writable_file)
 
 
 def read_prompts(path: str) -> list[str]:
@@ -36,10 +37,6 @@ def read_prompts(path: str) -> list[str]:
 
 
 def run_many(args: argparse.Namespace) -> int:
-    import qopt
-
-    from ..model.tokenizer import tokenizer_for
-
     if len(args.words) > 1:
         raise ValueError(f"with --prompts-file the only positional argument is MODEL, got {len(args.words)}")
     if args.num_beams != 1 or args.stream:
@@ -49,14 +46,24 @@ def run_many(args: argparse.Namespace) -> int:
     writable_file(args.output, "--output")
     prompts = read_prompts(args.prompts_file)
     path = model_path(args.words[0] if args.words else None)
-    tokenizer = tokenizer_for(path)
-    ids = [tokenizer.encode(prompt) for prompt in prompts]
+    began = start_load(args, path)  # before the imports and placement(), which import torch
+    import qopt
+
+    from ..model.tokenizer import tokenizer_for
+
     where = placement(args)
+    folder = local_folder(path, args.revision)
+    tokenizer = tokenizer_for(folder if folder is not None else path)
+    ids = [tokenizer.encode(prompt) for prompt in prompts]
+    if folder is not None:  # the longest prompt is known before the load
+        longest = max(range(len(ids)), key=lambda i: len(ids[i]))
+        check_positions(folder, len(ids[longest]), args.max_new_tokens, f"prompt {longest + 1} of --prompts-file")
     budget = generation_budget(args, where, path, max(map(len, ids), default=1) + args.max_new_tokens,
                                args.batch_size)
-    model = qopt.load(path, quantization=preset(args), progress=False, **where, **budget)
+    model = qopt.load(path, quantization=preset(args), progress=show_bars(), **where, **budget)
     if args.adapter:
-        qopt.load_adapter(model, args.adapter)
+        qopt.load_adapter(model, args.adapter, check_base=not args.ignore_base)
+    end_load(args, model, path, began)
     options = {"top_k": args.top_k, "temperature": args.temperature, "top_p": args.top_p}
     sample = args.do_sample or args.temperature is not None or args.top_p is not None
     began = time.perf_counter()

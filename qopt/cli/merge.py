@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..quant.presets import PRESETS
-from .common import add_output, add_parser
+from .common import add_output, add_parser, start_load, writable_file
 
 API_FLAGS = {"base_quantization": "--base-quantization", "bits": "--bits", "method": "--method"}
 
@@ -14,6 +14,8 @@ def add(sub: argparse._SubParsersAction) -> None:
                                  "measure the NLL / KL change against the unmerged adapter on WikiText-2")
     p.add_argument("base", help="the base checkpoint folder the adapter was trained on")
     p.add_argument("adapter", help="the adapter folder (PEFT format)")
+    p.add_argument("--ignore-base", action="store_true", help="merge even into a base the adapter was not made for "
+                   "(by default one that differs only by name or folder is accepted, another shape refused)")
     add_output(p, "folder for the merged checkpoint")
     p.add_argument("--force", action="store_true", help="replace a model already in --output")
     p.add_argument("--bits", type=int, choices=(4, 8, 16), default=16,
@@ -40,12 +42,14 @@ def add(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    if args.windows < 1:
+        raise ValueError(f"--windows must be at least 1, got {args.windows}")
+    writable_file(args.output, "--output")
+    start_load(args, args.base)
     import torch
 
     from ..evaluation.merge import merge_adapter
 
-    if args.windows < 1:
-        raise ValueError(f"--windows must be at least 1, got {args.windows}")
     text = Path(args.calibration_data).read_text(encoding="utf-8") if args.calibration_data else None
     eval_text = Path(args.eval_data).read_text(encoding="utf-8") if args.eval_data else None
     base_quantization = None if args.base_quantization == "none" else args.base_quantization
@@ -54,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
                            base_quantization=base_quantization, dtype=getattr(torch, args.dtype),
                            windows=args.windows, text=eval_text, calibration_text=text,
                            calibration_count=args.calibration_windows,
-                           overwrite=args.force, progress=not args.no_progress)
+                           overwrite=args.force, progress=not args.no_progress, check_base=not args.ignore_base)
     print(result.summary())
     warning = result.quality.warning()
     if warning and args.bits != 16:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import DEFAULT_MODEL_HELP, add_hub, add_output, add_parser, add_precision, hub_options, model_path, preset
+from .common import (DEFAULT_MODEL_HELP, add_hub, add_output, add_parser, add_precision, hub_options, model_path,
+                     preset, start_load, writable_file)
 
 
 API_FLAGS = {"overwrite=True": "--force"}  # library argument -> this command's flag, in error messages
@@ -45,11 +46,13 @@ def _quantize_preset(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    start_load(args, model_path(args.model))
     from ..io.outputs import check_output_folder
     from ..utils import format_bytes
 
     # before any work: a wrong --output fails in a second, and the input is never written
     check_output_folder(args.output, [model_path(args.model)], overwrite=args.force)
+    writable_file(args.output, "--output")
 
     if args.method == "rtn" and args.budget is None:
         return _quantize_rtn(args)

@@ -31,24 +31,26 @@ from .report import UNQUANTIZED, ComparisonReport, PrecisionRow
 
 
 def load_precision(path: str | os.PathLike, precision: str, placement: dict[str, Any] | None = None,
-                   adapter: str | os.PathLike | None = None) -> nn.Module:
+                   adapter: str | os.PathLike | None = None, check_base: bool = True,
+                   load_progress: bool = False) -> nn.Module:
     """The model at `precision` (placed as `placement`, `qopt.load`'s device_map / max_memory / offload_folder
-    say), with `adapter` applied; a calibrated one is calibrated here (its time counts as load time)."""
+    say), with `adapter` applied (`check_base` as in `load_adapter`); a calibrated one is calibrated here (its
+    time counts as load time). `load_progress` shows the load's bar."""
     placement = placement or {}
     stored = _stored_quantization(path)
     if stored is not None and precision == stored.label:
         precision = stored.name  # a mixed checkpoint loads as saved: its base preset restates the format
     preset, calibrated = split_calibrated(precision)
     if precision in UNQUANTIZED:
-        model = load(path, torch_dtype=UNQUANTIZED[precision], progress=False, **placement)
+        model = load(path, torch_dtype=UNQUANTIZED[precision], progress=load_progress, **placement)
     elif not calibrated:
-        model = load(path, quantization=preset, torch_dtype=UNQUANTIZED[QUANTIZED_COMPUTE], progress=False,
+        model = load(path, quantization=preset, torch_dtype=UNQUANTIZED[QUANTIZED_COMPUTE], progress=load_progress,
                      **placement)
     else:
         config = CalibrationConfig(quantization=preset, dtype=UNQUANTIZED[QUANTIZED_COMPUTE])
         model, _ = calibrate(path, None, config, progress=False)
     if adapter is not None:
-        load_adapter(model, adapter)
+        load_adapter(model, adapter, check_base=check_base)
     return model
 
 
@@ -88,13 +90,14 @@ def compare_precisions(model_path: str | os.PathLike, precisions: Sequence[str] 
                        tokenizer: Any = None, reference: bool = True, text: str | None = None,
                        progress: bool = True, placement: dict[str, Any] | None = None,
                        adapter: str | os.PathLike | None = None,
-                       on_model: Callable[[str, nn.Module], None] | None = None) -> ComparisonReport:
+                       on_model: Callable[[str, nn.Module], None] | None = None, check_base: bool = True,
+                       load_progress: bool = False) -> ComparisonReport:
     """Load `model_path` at each precision and measure it; see the module docstring for what a row holds.
 
     With `reference`, every quantized precision is judged against bf16 (added if missing) and bf16 / fp16
     against fp32 when fp32 is in the list; a reference model stays loaded only while something still needs it.
     `placement` (device_map, max_memory, offload_folder, stream_from_host) and `adapter` apply to every precision
-    alike.
+    alike (`check_base` as in `load_adapter`; `load_progress` shows each load's bar).
     `on_model(precision, model)` is called with each model after its measurement (the gate hashes its state).
     """
     requested_model, model_path = str(model_path), checkpoint_folder(model_path, progress=progress)  # Hub id: once
@@ -119,7 +122,7 @@ def compare_precisions(model_path: str | os.PathLike, precisions: Sequence[str] 
                               environment=_environment())
     for i, precision in enumerate(order):
         began = time.perf_counter()
-        model = load_precision(model_path, precision, placement, adapter)
+        model = load_precision(model_path, precision, placement, adapter, check_base, load_progress)
         load_seconds = time.perf_counter() - began
         ref_name = refs_needed[precision]
         result = evaluate_ids(model, ids, seqlen, stride, max_windows, progress,
@@ -129,7 +132,7 @@ def compare_precisions(model_path: str | os.PathLike, precisions: Sequence[str] 
             on_model(precision, model)
         row = PrecisionRow(precision, result.ppl, result.nll, result.seconds, load_seconds, foot.bytes,
                            foot.params, foot.bits_per_param, foot.linear_bits_per_param, kl=result.kl,
-                           top1=result.top1)
+                           top1=result.top1, ram_bytes=None if foot.ram_bytes == foot.bytes else foot.ram_bytes)
         ref_row = report.row(ref_name) if ref_name else None
         if ref_row is not None:
             row.reference, row.delta = ref_name, result.ppl - ref_row.ppl

@@ -257,6 +257,7 @@ class Baseline:
     digests: dict[str, dict[str, str]] = field(default_factory=dict)
     noise: dict[str, Any] | None = None
     path: str = ""
+    revision: str | None = None  # the commit of a Hub model
 
 
 def write_baseline(run: Measurement, path: str | os.PathLike, tolerance: Tolerance | Limits | float = Tolerance(),
@@ -272,7 +273,31 @@ def write_baseline(run: Measurement, path: str | os.PathLike, tolerance: Toleran
                              "tolerance": tolerance.to_dict()}
     if noise is not None:
         extra["noise"] = dict(noise)
-    replace(run.report, model=model_label(run.report.model)).save_json(path, extra=extra)
+    model, revision = _portable_model(run.report.model, Path(path))
+    if revision is not None:
+        extra["revision"] = revision
+    replace(run.report, model=model).save_json(path, extra=extra)
+
+
+def _portable_model(model: str, baseline_file: Path) -> tuple[str, str | None]:
+    """How a baseline names its model so `--check` finds it from any folder and any clone: "bundled"; a folder
+    relative to the baseline file's folder ("./x", "../x"); a Hub model (by id or by its HF cache snapshot) as
+    its repo id and commit."""
+    from ..io.hub import cached_folder, model_name
+
+    label = model_label(model)
+    if label == BUNDLED:
+        return label, None
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        real = folder.resolve()
+        repo = model_name(str(real))
+        if repo != str(real):  # …/models--org--name/snapshots/<commit>
+            return repo, real.name
+        relative = Path(os.path.relpath(real, baseline_file.expanduser().resolve().parent)).as_posix()
+        return (relative if relative.startswith("../") else f"./{relative}"), None
+    snapshot = cached_folder(model)
+    return model, snapshot.name if snapshot is not None else None
 
 
 def read_baseline(path: str | os.PathLike) -> Baseline:
@@ -303,14 +328,27 @@ def read_baseline(path: str | os.PathLike) -> Baseline:
         digests = {p: {k: str(d[k]) for k in DIGESTS} for p, d in data.get("digests", {}).items()}
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise ValueError(f"{path}: malformed baseline (missing or bad field {err})") from None
-    return Baseline(report, tolerance, BASELINE_FORMAT, files, digests, data.get("noise"), str(path))
+    revision = data.get("revision")
+    return Baseline(report, tolerance, BASELINE_FORMAT, files, digests, data.get("noise"), str(path),
+                    revision if isinstance(revision, str) else None)
 
 
 def baseline_model_path(baseline: Baseline | ComparisonReport) -> str:
+    """The model a baseline names: the bundled one, a folder relative to the baseline file ("./x", "../x"), a
+    Hub model at its recorded commit (from the HF cache, or downloaded), or, in older baselines, the path or
+    id as typed."""
     from ..bundled import bundled_model_dir
 
     report = baseline.report if isinstance(baseline, Baseline) else baseline
-    return str(bundled_model_dir()) if report.model == BUNDLED else report.model
+    if report.model == BUNDLED:
+        return str(bundled_model_dir())
+    if isinstance(baseline, Baseline) and report.model.startswith(("./", "../")) and baseline.path:
+        return os.path.normpath(Path(baseline.path).expanduser().resolve().parent / report.model)
+    if isinstance(baseline, Baseline) and baseline.revision:
+        from ..io.hub import checkpoint_folder
+
+        return str(checkpoint_folder(report.model, revision=baseline.revision))
+    return report.model
 
 
 def select_precisions(baseline: Baseline, precisions: Sequence[str] | None = None) -> list[str]:

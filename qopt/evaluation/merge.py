@@ -63,17 +63,18 @@ def training_quantization(adapter: str | os.PathLike) -> str | None:
 
 
 def _adapter_model(base: str | os.PathLike, adapter: str | os.PathLike, quantization: str | None,
-                   progress: bool) -> nn.Module:
+                   progress: bool, check_base: bool = True) -> nn.Module:
     """The base as the adapter was trained on it (float32 outside the quantized linears) with the adapter."""
     model = load(base, quantization=quantization, torch_dtype=None, progress=progress)
-    load_adapter(model, adapter)
+    load_adapter(model, adapter, check_base=check_base)
     return model
 
 
 def merged_model(base: str | os.PathLike, adapter: str | os.PathLike, *, bits: int = 16, method: str = "rtn",
                  quant_type: str = "nf4", double_quant: bool = False, base_quantization: str | None = None,
                  dtype: torch.dtype = torch.bfloat16, calibration_text: str | None = None,
-                 calibration_count: int = 128, progress: bool = True) -> tuple[nn.Module, MergeReport]:
+                 calibration_count: int = 128, progress: bool = True, check_base: bool = True
+                 ) -> tuple[nn.Module, MergeReport]:
     """The merged model in memory: the exact float merge, kept at 16 bits or re-quantized (see `merge_adapter`)."""
     if bits not in (4, 8, 16):
         raise ValueError(f"bits must be 4, 8 or 16, got {bits}")
@@ -81,7 +82,7 @@ def merged_model(base: str | os.PathLike, adapter: str | os.PathLike, *, bits: i
         raise ValueError(f"method {method!r}: expected one of {METHODS}")
     if method == "calibrated" and bits == 16:
         raise ValueError("method 'calibrated' rounds to 4 or 8 bits; a 16-bit merge has nothing to calibrate")
-    merged = _adapter_model(base, adapter, base_quantization, progress=False)
+    merged = _adapter_model(base, adapter, base_quantization, progress=False, check_base=check_base)
     report = merge_into_float(merged)
     if bits == 16:
         return merged.to(dtype), report
@@ -107,25 +108,25 @@ def merge_adapter(base: str | os.PathLike, adapter: str | os.PathLike, output: s
                   bits: int = 16, method: str = "rtn", quant_type: str = "nf4", double_quant: bool = False,
                   base_quantization: str | None = "auto", dtype: torch.dtype = torch.bfloat16, windows: int = 40,
                   text: str | None = None, calibration_text: str | None = None, calibration_count: int = 128,
-                  overwrite: bool = False, progress: bool = True) -> MergeResult:
+                  overwrite: bool = False, progress: bool = True, check_base: bool = True) -> MergeResult:
     """Merge `adapter` into `base`, write the merged checkpoint to `output` and measure what it kept.
 
     `base_quantization` is how the adapter's base was loaded for training ("auto": read from the adapter's
     qopt checkpoint, float when there is none); `bits` 16 writes `dtype` weights, 8 / 4 re-quantize, by
     round-to-nearest (`method="rtn"`) or GPTQ calibration of the merged float model (`"calibrated"`). The
-    measurement uses `windows` windows of WikiText-2 test, or of `text`.
+    measurement uses `windows` windows of WikiText-2 test, or of `text`. `check_base` as in `load_adapter`.
     """
     if method == "calibrated" and bits == 16:
         raise ValueError("method 'calibrated' rounds to 4 or 8 bits; a 16-bit merge has nothing to calibrate")
     check_output_folder(output, [base, adapter], overwrite=overwrite)
     if base_quantization == "auto":
         base_quantization = training_quantization(adapter)
-    unmerged = _adapter_model(base, adapter, base_quantization, progress)
+    unmerged = _adapter_model(base, adapter, base_quantization, progress, check_base)
     base_nll, adapter_nll = adapter_nlls(unmerged, windows, text, progress)
     merged, report = merged_model(base, adapter, bits=bits, method=method, quant_type=quant_type,
                                   double_quant=double_quant, base_quantization=base_quantization, dtype=dtype,
                                   calibration_text=calibration_text, calibration_count=calibration_count,
-                                  progress=progress)
+                                  progress=progress, check_base=check_base)
     extras = [Path(base) / name for name in AUXILIARY_FILES if (Path(base) / name).is_file()]
     save_model(merged, output, extra_files=extras)
     del merged

@@ -44,6 +44,7 @@ class PrecisionRow:
     delta_rel: float | None = None
     kl: float | None = None
     top1: float | None = None
+    ram_bytes: int | None = None  # of weight_bytes, what sat in RAM, where it is not all of them (offloaded layers)
 
 
 @dataclass
@@ -63,7 +64,8 @@ class ComparisonReport:
         data = {"model": self.model, "settings": self.settings, "data": {
             "text": "WikiText-2 raw test, rows joined with \\n\\n", "total_tokens": self.total_tokens,
             "windows": self.windows, "scored_tokens": self.tokens},
-            "rows": [asdict(r) for r in self.rows], "environment": self.environment}
+            "rows": [{k: v for k, v in asdict(r).items() if k != "ram_bytes" or v is not None} for r in self.rows],
+            "environment": self.environment}
         ratios = self.gap_ratios()
         if ratios:
             data["gap_ratios"] = {name: {"ratio": ratio, "gap": gap, "rtn_gap": rtn_gap}
@@ -87,6 +89,10 @@ class ComparisonReport:
             lines.append(f"| {r.precision} | {r.ppl:.3f} | {delta} | {r.reference or ''} | {kl} | {top1} | "
                          f"{r.weight_bytes / 1e6:.2f} | {r.linear_bits_per_param:.2f} | {r.bits_per_param:.2f} | "
                          f"{r.seconds:.1f} |")
+        for r in self.rows:
+            if r.ram_bytes is not None:
+                lines.append(f"\n{r.precision}: {r.weight_bytes / 1e6:.2f} MB of weights, {r.ram_bytes / 1e6:.2f} MB "
+                             f"of them in RAM (the rest on the GPU or on disk)")
         ratios = self.gap_ratios()
         for row, rtn in self._calibrated_pairs():
             if row.precision in ratios:

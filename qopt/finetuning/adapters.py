@@ -6,6 +6,7 @@ Keys are PEFT's (`base_model.model.model.decoder.layers.0.self_attn.q_proj.lora_
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,11 @@ from ..errors import AdapterError
 from ..io.atomic import atomic_write_text, publish_folder, staging_folder
 from ..io.checkpoint import (ADAPTER_BIN, ADAPTER_CONFIG, ADAPTER_WEIGHTS, BIN_INDEX, BIN_WEIGHTS, SAFE_INDEX,
                              SAFE_WEIGHTS, write_safetensors_shards)
-from ..io.hub import model_name
+from ..io.hub import is_hub_id, model_name
 from .lora import (ALL_LINEAR, LoraConfig, ModulesToSave, adapter_biases, adapter_set, add_lora, bias_parameters,
                    delete_adapter, lora_layers, set_adapter_biases, task_type_of)
 
+logger = logging.getLogger(__name__)
 PEFT_PREFIX = "base_model.model."
 PEFT_VERSION = "0.21.2"
 # PEFT 0.21.2 LoraConfig fields for features qopt does not implement: written at their defaults, and a file
@@ -185,17 +187,107 @@ def _base_name(name_or_path: str) -> str:
     return Path(model_name(str(name_or_path)).rstrip("/")).name.lower()
 
 
-def _check_base(model: nn.Module, config: LoraConfig, source: str) -> None:
-    """Refuse what is known to belong to another base: the task, or a differently named base model."""
+def _hub_identity(name: str) -> tuple[str | None, str | None]:
+    """(repo id, commit) of a base named by a Hub id (`org/name`) or by a snapshot folder of the HF cache;
+    (None, None) for a plain folder, which says nothing about the weights once it is copied or moved."""
+    parts = Path(name).parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return model_name(name).lower(), parts[-1]
+    return (name.lower(), None) if "/" in name and is_hub_id(name) else (None, None)
+
+
+def _hub_difference(ours: str, theirs: str, revision: str | None) -> str | None:
+    """Another Hub model or another commit, where both sides name one."""
+    (our_repo, our_commit), (their_repo, their_commit) = _hub_identity(ours), _hub_identity(theirs)
+    their_commit = their_commit or revision
+    if our_repo and their_repo:
+        if our_repo != their_repo:
+            return f"another Hub model ({their_repo}, this model is {our_repo})"
+        if our_commit and their_commit and our_commit != their_commit:
+            return f"another revision of {our_repo} ({their_commit}, this model is {our_commit})"
+    return None
+
+
+def _in_out(module: nn.Module) -> tuple[int | None, int | None]:
+    base = getattr(module, "base_layer", module)  # a module that already carries another adapter
+    return getattr(base, "in_features", None), getattr(base, "out_features", None)
+
+
+def base_difference(model: nn.Module, config: LoraConfig, state: dict[str, torch.Tensor],
+                    revision: str | None = None) -> str | None:
+    """What makes `model` another base than the adapter's, judged as PEFT does (the target modules exist and
+    every LoRA tensor fits its module) plus the Hub id and revision where both sides name one; None if it fits.
+    A same-shape base with other weights fits, as in PEFT: only a Hub id or commit can tell those apart."""
+    ours, theirs = str(getattr(model, "name_or_path", "") or ""), str(config.base_model_name_or_path or "")
+    hub = _hub_difference(ours, theirs, revision)
+    if hub:
+        return hub
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    if isinstance(config.target_modules, list):
+        absent = [t for t in config.target_modules if t not in leaves]
+        if absent:
+            return f"target module {absent[0]!r} is not in this model"
+    layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for key, tensor in sorted(state.items()):
+        if not key.endswith((".lora_A.weight", ".lora_B.weight")) or tensor.dim() != 2:
+            continue
+        name = key.rsplit(".", 2)[0]
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            return f"{name} is not in this model ({layers} decoder layers)" if layers else f"{name} is not in it"
+        inputs, outputs = _in_out(module)
+        if key.endswith("lora_A.weight") and inputs is not None and tensor.shape[1] != inputs:
+            return f"{name} takes {tensor.shape[1]} inputs in the adapter's base, {inputs} in this model"
+        if key.endswith("lora_B.weight") and outputs is not None and tensor.shape[0] != outputs:
+            return f"{name} gives {tensor.shape[0]} outputs in the adapter's base, {outputs} in this model"
+    return None
+
+
+_NOTICED: set[tuple[str, str, str]] = set()  # one notice per adapter and base in a process (merge loads twice)
+
+
+def _check_task(model: nn.Module, config: LoraConfig, source: str) -> None:
     task = task_type_of(model)
     if config.task_type and task and config.task_type != task:
         raise AdapterError(f"{source}: task_type is {config.task_type!r} but the model is "
                            f"{type(model).__name__} ({task})")
-    ours = getattr(model, "name_or_path", None)
-    theirs = config.base_model_name_or_path
-    if ours and theirs and _base_name(ours) != _base_name(theirs):
-        raise AdapterError(f"{source}: made for base model {theirs!r}, this model is {ours!r} "
-                           f"(pass check_base=False if they are the same weights)")
+
+
+def _check_base(model: nn.Module, config: LoraConfig, state: dict[str, torch.Tensor], source: str,
+                revision: str | None) -> str | None:
+    """Refuse an adapter whose recorded base differs from this model in what matters (`base_difference`); a
+    base that differs by name or path only (a folder copied, renamed or moved) is accepted, and the notice
+    to print once the adapter is in is returned."""
+    _check_task(model, config, source)
+    ours, theirs = getattr(model, "name_or_path", None), config.base_model_name_or_path
+    if not ours or not theirs:
+        return None
+    if _base_name(ours) == _base_name(theirs):  # the same name: only a Hub commit can still tell them apart
+        difference = _hub_difference(str(ours), str(theirs), revision)
+        if difference:
+            raise AdapterError(f"{source}: made for base model {theirs!r}, this model {ours!r} differs: "
+                               f"{difference} (pass check_base=False to apply it anyway)")
+        return None
+    difference = base_difference(model, config, state, revision)
+    if difference:
+        raise AdapterError(f"{source}: made for base model {theirs!r}, this model {ours!r} differs: {difference} "
+                           f"(pass check_base=False to apply it anyway)")
+    key = (source, str(theirs), str(ours))
+    if key in _NOTICED:
+        return None
+    _NOTICED.add(key)
+    return (f"note: adapter {Path(source).parent} was made for base model {theirs!r}; applying it to {ours!r} "
+            f"(same shape and target modules)")
+
+
+def _recorded_revision(folder: Path) -> str | None:
+    """PEFT's own `revision` field of adapter_config.json (the base model's revision), where it names one."""
+    try:
+        value = json.loads((folder / ADAPTER_CONFIG).read_text()).get("revision")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) and value else None
 
 
 def load_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str = "default",
@@ -203,15 +295,17 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str 
                  check_base: bool = True) -> LoraConfig:
     """Inject and fill an adapter from a PEFT-format folder (made by qopt or by PEFT); returns its config.
 
-    Nothing is left behind on failure: a mismatch found after injection removes the half-made adapter.
+    With `check_base`, an adapter recorded for another base by name is applied when this model has its shape
+    and target modules (and the same Hub id and revision where both name one), with a logged notice; it is
+    refused, naming the difference, otherwise. Nothing is left behind on failure: a mismatch found after
+    injection removes the half-made adapter.
     """
     folder = Path(folder)
     config = read_adapter_config(folder)
     source = str(folder / ADAPTER_CONFIG)
-    if check_base:
-        _check_base(model, config, source)
-    config.inference_mode = not is_trainable
     state, file = read_adapter_weights(folder)
+    notice = _check_base(model, config, state, source, _recorded_revision(folder)) if check_base else None
+    config.inference_mode = not is_trainable
     try:
         add_lora(model, config, adapter_name, dtype=dtype, initialise=False, activate=activate)
     except AdapterError as err:
@@ -221,4 +315,6 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str 
     except BaseException:
         delete_adapter(model, adapter_name)
         raise
+    if notice:
+        logger.warning(notice)
     return adapter_set(model).configs[adapter_name]

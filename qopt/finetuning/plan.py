@@ -184,6 +184,9 @@ class FinetunePlan:
         lines.append(row("peak", self.host_load_peak, f"of {format_bytes(self.machine.host_bytes)}"))
         lines.append(f"largest batch at {self.seq} tokens: {self.largest_batch or 'none'}; longest sequence at "
                      f"batch {self.batch}: {self.largest_seq or 'none'}")
+        if dev == "CPU":  # the one 16-bit choice that costs speed here, measured
+            lines.append("on a CPU: autocast in bf16 (--bf16), not fp16: CPUs have no fast float16 matmuls "
+                         "(a fine-tune measured 53x slower with --fp16)")
         lines.append(f"verdict: {self.verdict}")
         return "\n".join(lines)
 

@@ -4,6 +4,7 @@ adapter and trained on a text or JSONL file by `qopt.finetuning.trainer`.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,21 @@ from .fingerprint import base_fingerprint, data_fingerprint, run_fingerprint
 from .lora import LoraConfig, add_lora
 from .step_speedups import auto_checkpointing, fast_path
 from .trainer import TrainingArguments, TrainResult, finished_run, train
+
+logger = logging.getLogger(__name__)
+# CPUs have no fast float16 matmuls: a LoRA fine-tune with fp16 autocast on a CPU ran 17 tokens/s against 907
+# without it (53x slower), and a 256x1024 @ 1024x1024 matmul takes 1,048 ms in float16, 15 ms in float32 and
+# 5.8 ms in bfloat16 on one thread; bfloat16 autocast has fast CPU kernels
+FP16_ON_CPU = ("fp16=True on a CPU: CPUs have no fast float16 matmuls (measured 53x slower than without it); use "
+               "bf16=True for 16-bit autocast on a CPU, or neither")
+_warned: list[bool] = []
+
+
+def warn_fp16_on_cpu(model: nn.Module, args: TrainingArguments) -> None:
+    """Once per process: fp16 training on a CPU is legal but slow, and the reason is not obvious."""
+    if args.fp16 and not _warned and all(p.device.type in ("cpu", "meta") for p in model.parameters()):
+        _warned.append(True)
+        logger.warning("warning: %s", FP16_ON_CPU)
 
 
 def prepare_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True) -> nn.Module:
@@ -130,6 +146,7 @@ def finetune(model_path: str | Path, data: str | Path, args: TrainingArguments, 
     elif gradient_checkpointing:
         enable_input_require_grads(model)
         model.gradient_checkpointing_enable()
+    warn_fp16_on_cpu(model, args)
     add_lora(model, lora, dtype=adapter_dtype)
     fast_path(model, half_head=bool(quantization and half_head))  # finetuning/step_speedups.py
     if gradient_checkpointing == "auto" and task == "causal-lm":

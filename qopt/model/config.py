@@ -110,7 +110,8 @@ class OPTConfig:
             raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
         model_type = data.get("model_type", "opt")
         if model_type != "opt":
-            raise ConfigError(f"{source}: field 'model_type' is {model_type!r:.100}, expected 'opt'")
+            raise ConfigError(f"{source}: not an OPT model (model_type {model_type!s:.100}); field 'model_type' "
+                              f"must be 'opt'")
         known = {f.name for f in fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in data.items() if k in known}
         if "dtype" in data and "torch_dtype" not in data:  # transformers 5 renamed it
@@ -158,6 +159,8 @@ class OPTConfig:
             raise ConfigError(f"{file}: cannot read ({err.strerror or err})") from None
         except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise ConfigError(f"{file}: not valid JSON ({err})") from None
+        if isinstance(data, dict) and data.get("model_type", "opt") != "opt":  # before the fields it would lack
+            return cls.from_dict(data, source=str(file))
         missing = [name for name in REQUIRED_FIELDS if isinstance(data, dict) and name not in data]
         if missing:
             raise ConfigError(f"{file}: field '{missing[0]}' is missing (an OPT config.json names "
