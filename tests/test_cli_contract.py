@@ -217,8 +217,9 @@ def test_cli_messages_name_flags_not_python_keywords(tmp_path, capsys):
     qopt.load(BUNDLED, progress=False).save_pretrained(small)
     model = qopt.load(BUNDLED, quantization="nf4", progress=False)
     layer = qopt.weight_footprint(model.model.decoder.layers[0]).bytes
-    cpu = qopt.weight_footprint(model).bytes - 2 * layer
-    cases = [["generate", "Hi", "--bits", "4", "--device-map", "auto", "--max-memory", f"cpu={cpu}"],  # offload
+    cpu = qopt.plan(BUNDLED, 4, {"cpu": 1 << 40}, context=64).used_bytes("cpu") - 2 * layer  # what it needs
+    cases = [["generate", "Hi", "--bits", "4", "--device-map", "auto", "--max-memory", f"cpu={cpu}",
+              "--context", "64"],  # offload
              ["quantize", str(small), "-o", str(small)],
              ["quantize", "-o", str(small)],  # an existing model without --force
              ["generate", "Hi", "--revision", "v1"],
