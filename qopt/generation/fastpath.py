@@ -19,7 +19,7 @@ import bitsandbytes as bnb
 import torch
 from torch import nn
 
-PACK_HEAD_MIN_TOKENS = 32  # repacking the head costs about what it saves over 20 decode steps (measured)
+PACK_HEAD_MIN_TOKENS = 32  # repacking the head costs about what it saves over 20 decode steps (docs/benchmarks.md)
 # bitsandbytes multiplies int8 with torch._int_mm only on AVX-512 CPUs (elsewhere in fp32, which can round)
 _INT_MM = torch.backends.cpu.get_cpu_capability() == "AVX512"
 
@@ -40,7 +40,7 @@ def _free(module: nn.Module) -> bool:
 
 
 def packed_head_forward(head: nn.Module, new_tokens: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The output head on a oneDNN-packed copy of its weight (measured twice as fast at a few rows, bit-identical in
+    """The output head on a oneDNN-packed copy of its weight (faster at a few rows, docs/benchmarks.md; bit-identical in
     bf16, within rounding in fp32), or None where it does not apply. The copy lives as long as the returned
     function, so memory returns to normal after generate."""
     weight = getattr(head, "weight", None)

@@ -45,7 +45,7 @@ _HEAD_PREFIXES = ("score.", "qa_outputs.")  # task heads a causal-LM checkpoint 
 def resolve_dtype(torch_dtype: str | torch.dtype | None, config: OPTConfig, on_cpu: bool) -> torch.dtype:
     """The dtype of the weights left unquantized. "auto" (the default, as in transformers 5) is the checkpoint's
     `torch_dtype`, float32 where it names none, except that float16 becomes bfloat16 where the model computes
-    on a CPU: CPUs have no fast float16 matmuls (measured 2.7x slower here), and bfloat16 keeps float16's memory.
+    on a CPU: CPUs have no fast float16 matmuls (docs/benchmarks.md), and bfloat16 keeps float16's memory.
     None means float32, as in transformers 4."""
     if torch_dtype is None:
         return torch.float32
