@@ -12,13 +12,15 @@ dimensions with large layer-norm gains), so LLM.int8's outlier path runs as on a
 trained model shipped in qopt/data/model (one size). For each checkpoint the share of linear-layer input rows
 with an activation above the LLM.int8 threshold (6.0) over one greedy generate of the benchmark's prompt is
 printed and recorded: random weights never reach it, which leaves only int8's outlier-free branch to time. The
-prompt is --prompt tokens of WikiText-2 test. For each precision both libraries load it the same way (non-quantized parts in bf16 for int8 / nf4,
+prompt is --prompt tokens of WikiText-2 test. For each precision both libraries load it the same way
+(non-quantized parts in bf16 for int8 / nf4,
 nf4 computing in bf16), then take turns on the same prompt: greedy decoding of --new tokens after a --prompt
 token prompt, batch 1, never stopping early (no end token). Decode tokens/s = (new - 1) / (time of a
 --new-token generate - time of a 1-token generate); prefill tokens/s = prompt / time of one forward over the
 prompt (cache on, logits of the last position only). Each figure is the median of --repeats runs; ratios are
 ours / transformers' from the same run. Target: decode ratio >= 1.5 for int8 and nf4 at 125m / 350m, on the
-outlier checkpoints too. Every run goes into the JSON (evals/results/bench_decode.json; --quick: evals/results/quick/)
+outlier checkpoints too. Every run goes into the JSON (evals/results/bench_decode.json; --quick:
+evals/results/quick/)
 with the machine's record (evals/results_meta.py).
 Take timings on a quiet machine: the load average is printed with the table. With other jobs running, two-thread
 timings swing by 10x (OpenMP threads spin-waiting on shared cores); a single-threaded comparison is steadier:

@@ -36,6 +36,8 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
              ["evals/bench_load.py", "--quick", "--folder", str(SCRATCH / "opt-125m-synth")]),
     "offload": (["evals/bench_offload.py", "--size", "2.7b", "--folder", str(SCRATCH / "offload-2.7b")],
                 ["evals/bench_offload.py", "--quick", "--folder", str(SCRATCH / "offload-125m")]),
+    "hub": (["evals/bench_hub.py", "--rates", "100", "300", "--runs", "3", "--folder", str(SCRATCH / "opt-1.3b-synth")],
+            ["evals/bench_hub.py", "--quick", "--folder", str(SCRATCH / "opt-125m-synth")]),
     "finetune-125m": (["evals/bench_finetune.py", "--shape", "125m", "--steps", "4", "--rounds", "3"],
                       ["evals/bench_finetune.py", "--quick"]),
     "finetune-350m": (["evals/bench_finetune.py", "--shape", "350m", "--steps", "3", "--rounds", "3"], []),

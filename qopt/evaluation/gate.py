@@ -343,9 +343,9 @@ def check_files(baseline: Baseline, model_path: str | os.PathLike) -> dict[str, 
 
 def rerun_baseline(baseline: Baseline, model_path: str | os.PathLike | None = None,
                    precisions: Sequence[str] | None = None, progress: bool = True, **options: Any) -> Measurement:
-    """The baseline's settings (seqlen, stride, window prefix, references, compute dtype) run again on its precisions or the
-    `precisions` subset. Other data files raise `NotComparable` before anything runs; when the text gives other
-    token counts no model runs either (nothing would be comparable) and the measurement says so."""
+    """The baseline's settings (seqlen, stride, window prefix, references, compute dtype) run again on its
+    precisions or the `precisions` subset. Other data files raise `NotComparable` before anything runs; when the
+    text gives other token counts no model runs either (nothing would be comparable) and the measurement says so."""
     from .perplexity import cut_windows, text_ids
 
     path = model_path or baseline_model_path(baseline)
