@@ -4,7 +4,8 @@
     python evals/run_all.py --quick         # small shapes, one round: evals/results/quick/*.json (git-ignored)
     python evals/run_all.py --only decode load
 
-A full run takes about 1.5-2 hours on 2 CPU cores and needs an otherwise quiet machine (timings are medians of
+A full run takes an estimated 2-2.5 hours on 2 CPU cores (the earlier runs' times plus the like-for-like rows;
+run_all.json records the real one) and needs an otherwise quiet machine (timings are medians of
 interleaved runs, but two benchmarks, or a benchmark and a test suite, running side by side measure each other):
 run it alone. Each benchmark runs in its own process, one torch thread (OMP_NUM_THREADS=1), and writes its JSON
 with the machine's record (evals/results_meta.py); the time each took goes into run_all.json beside them. A full
