@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: install test test-slow gate demo gpu-check clean
+.PHONY: install test test-slow gate demo bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -25,6 +25,10 @@ gate: install  ## perplexity regression gate on the bundled model
 
 demo: install  ## the main job: full precision vs int8 vs 4-bit on the bundled model
 	$(VENV)/bin/qopt eval --compare --windows 16
+
+# QUICK=1: every benchmark end to end on small shapes in minutes, into evals/results/quick/ (never the committed JSONs)
+bench: install  ## every benchmark (an estimated 2-2.5 h on a quiet 2-core machine), then docs/benchmarks.md re-rendered
+	$(PY) evals/run_all.py $(if $(filter 1,$(QUICK)),--quick,)
 
 # NO_INSTALL=1: the python on PATH with what it has (BNB_PATH=DIR puts a bitsandbytes copy first on PYTHONPATH)
 GPU_PY = $(if $(filter 1,$(NO_INSTALL)),python3,$(PY))

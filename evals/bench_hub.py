@@ -35,6 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from hub_server import FakeHub, Throttle, hub_environment, tree_files  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "evals"))
+from results_meta import meta, write  # noqa: E402
+
 REPO = "bench/opt-1.3b"
 _CHILD = r"""
 import json, sys, time, torch
@@ -65,12 +68,12 @@ print(json.dumps({"seconds": time.perf_counter() - start}))
 VARIANTS = ("download", "stream", "stream-scratch", "download+load", "transformers")
 
 
-def synthetic_checkpoint(folder: Path) -> Path:
-    """The OPT-1.3B-shaped checkpoint of bench_load.py, written once and reused."""
+def synthetic_checkpoint(folder: Path, shape: str = "1.3b") -> Path:
+    """The OPT-shaped checkpoint of bench_load.py (1.3B unless --quick), written once and reused."""
     spec = importlib.util.spec_from_file_location("bench_load", ROOT / "evals" / "bench_load.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.write_synthetic_checkpoint(folder, "1.3b")
+    return module.write_synthetic_checkpoint(folder, shape)
 
 
 def disk_bytes(folders: list[Path]) -> int:
@@ -118,16 +121,25 @@ def median(runs: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--folder", type=Path, required=True, help="where the synthetic checkpoint is (or goes)")
+    parser.add_argument("--folder", type=Path, help="where the synthetic checkpoint is (or goes; default: a folder "
+                        "under the temp dir)")
     parser.add_argument("--rates", type=float, nargs="+", default=[100, 300], help="MB/s, shared by all connections")
     parser.add_argument("--work", type=Path, help="scratch for caches (default: a temp folder, removed)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads in each child (0: torch's default)")
-    parser.add_argument("--json", type=Path, default=ROOT / "evals" / "results" / "bench_hub.json")
+    parser.add_argument("--json", type=Path, help="default: evals/results[/quick]/bench_hub.json")
+    parser.add_argument("--quick", action="store_true", help="OPT-125M shape, 200 MB/s, one run: "
+                        "evals/results/quick/bench_hub.json")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--runs", type=int, default=1, help="runs per qopt variant and download (median); "
                                                             "transformers runs once")
     args = parser.parse_args()
-    folder = synthetic_checkpoint(args.folder)
+    shape = "125m" if args.quick else "1.3b"
+    if args.quick:
+        args.rates, args.runs = [200.0], 1
+    started = time.time()
+    record = meta("quick" if args.quick else "full", args.threads or None, shape=shape, rates=args.rates,
+                  runs=args.runs, variants=args.variants)
+    folder = synthetic_checkpoint(args.folder or Path(tempfile.gettempdir()) / f"qopt-bench-hub-{shape}", shape)
     shards = sorted(p.stat().st_size for p in folder.glob("*.safetensors"))
     work = Path(tempfile.mkdtemp(prefix="qopt-bench-hub-", dir=args.work))
     threads = args.threads or os.cpu_count() or 1
@@ -158,9 +170,8 @@ def main() -> None:
                           f"peak extra disk {row[mode]['peak_disk'] / 1e9:.2f} GB", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
+    write("bench_hub", args.quick, record, started, args.json, **results)
 
 
 def table(results: dict) -> str:

@@ -47,3 +47,24 @@ def test_a_table_without_a_full_run_says_not_yet_measured(name):
     table = {"bench_decode.json": render_tables.decode, "bench_load.json": render_tables.load,
              "bench_offload.json": render_tables.offload_generate}[name]()
     assert render_tables.NYM in table
+
+
+def test_quick_results_go_to_the_ignored_folder_and_full_ones_are_committed():
+    import subprocess
+
+    import results_meta
+
+    assert results_meta.results_path("bench_decode", quick=True).parent == results_meta.QUICK_RESULTS
+    assert results_meta.results_path("bench_decode", quick=False).parent == render_tables.RESULTS
+    ignored = subprocess.run(["git", "check-ignore", "-q", "evals/results/quick/bench_decode.json"], cwd=ROOT)
+    assert ignored.returncode == 0, "evals/results/quick/ must be git-ignored"
+
+
+def test_every_results_json_records_the_machine_and_code():
+    import results_meta
+
+    record = results_meta.meta("quick", 1, shape="125m")
+    for key in ("mode", "git_commit", "cpu_model", "cpu_flags", "threads", "versions", "load_average_start"):
+        assert key in record, key
+    assert {"torch", "bitsandbytes", "transformers", "peft"} <= set(record["versions"])
+    assert record["settings"] == {"shape": "125m"}

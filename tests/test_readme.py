@@ -1,4 +1,5 @@
-"""The README's examples run as written: every Python block and every `qopt` line, on the bundled model.
+"""The README's examples run as written: every Python block and every `qopt` line, on the bundled model; the same
+for docs/usage.md, the README's long form.
 
 Placeholders a reader replaces with their own model (`path/to/...`, `MODEL`, a hub id) become the bundled
 model's folder; long runs are shortened (fewer windows and steps) without changing what each line exercises.
@@ -14,14 +15,23 @@ import pytest
 
 from qopt.bundled import bundled_model_dir, wikitext2_test_path
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCUMENTS = (README, ROOT / "docs" / "usage.md")
 BUNDLED = str(bundled_model_dir())
 SHORTER = [(r"max_steps=\d+", "max_steps=2"), (r"max_windows=\d+", "max_windows=2"),
            (r"--windows \d+", "--windows 2")]
 
 
 def blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", README.read_text(), re.S)
+    return [block for doc in DOCUMENTS for block in re.findall(rf"```{language}\n(.*?)```", doc.read_text(), re.S)]
+
+
+def make_adapter(folder: Path, workdir: Path) -> None:
+    """The adapter the README's `qopt finetune` line writes, for the lines and blocks that use it."""
+    if not folder.exists():
+        subprocess.run([sys.executable, "-m", "qopt", "finetune", "--data", "train.txt", "--output", str(folder),
+                        "--bits", "4", "--steps", "1"], cwd=workdir, check=True, capture_output=True)
 
 
 def substitute(text: str) -> str:
@@ -46,6 +56,8 @@ def test_the_readme_has_examples_to_run():
 @pytest.mark.parametrize("index", range(len(blocks("python"))))
 def test_python_block_runs_as_written(index, workdir):
     code = substitute(blocks("python")[index])
+    if '"my-adapter"' in code:
+        make_adapter(workdir / "my-adapter", workdir)
     result = subprocess.run([sys.executable, "-c", code], cwd=workdir, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"README python block {index}:\n{code}\n{result.stderr[-3000:]}"
 
@@ -69,15 +81,9 @@ def command(line: str, workdir: Path) -> list[str]:
     if args[0] == "finetune":
         args += ["--steps", "2"]
     if args[0] == "generate" and "--adapter" in args:  # the adapter the README's finetune line writes
-        adapter = workdir / args[args.index("--adapter") + 1]
-        if not adapter.exists():
-            subprocess.run([sys.executable, "-m", "qopt", "finetune", "--data", "train.txt", "--output",
-                            str(adapter), "--bits", "4", "--steps", "1"], cwd=workdir, check=True,
-                           capture_output=True)
-    if args[0] == "merge" and not (workdir / args[2]).exists():  # an adapter as the README's finetune line writes
-        subprocess.run([sys.executable, "-m", "qopt", "finetune", "--data", "train.txt", "--output",
-                        str(workdir / args[2]), "--bits", "4", "--steps", "1"], cwd=workdir, check=True,
-                       capture_output=True)
+        make_adapter(workdir / args[args.index("--adapter") + 1], workdir)
+    if args[0] == "merge":  # an adapter as the README's finetune line writes
+        make_adapter(workdir / args[2], workdir)
     return [sys.executable, "-m", "qopt", *args]
 
 

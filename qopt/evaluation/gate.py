@@ -381,9 +381,9 @@ def check_files(baseline: Baseline, model_path: str | os.PathLike) -> dict[str, 
 
 def rerun_baseline(baseline: Baseline, model_path: str | os.PathLike | None = None,
                    precisions: Sequence[str] | None = None, progress: bool = True, **options: Any) -> Measurement:
-    """The baseline's settings (seqlen, stride, window prefix, references) run again on its precisions or the
-    `precisions` subset. Other data files raise `NotComparable` before anything runs; when the text gives other
-    token counts no model runs either (nothing would be comparable) and the measurement says so."""
+    """The baseline's settings (seqlen, stride, window prefix, references, compute dtype) run again on its
+    precisions or the `precisions` subset. Other data files raise `NotComparable` before anything runs; when the
+    text gives other token counts no model runs either (nothing would be comparable) and the measurement says so."""
     from .perplexity import cut_windows, text_ids
 
     path = model_path or baseline_model_path(baseline)
@@ -397,7 +397,9 @@ def rerun_baseline(baseline: Baseline, model_path: str | os.PathLike | None = No
     if counts != (base.total_tokens, base.windows, base.tokens):
         report = ComparisonReport(str(path), dict(s), *counts)
         return Measurement(report, {}, files, stopped="the text gives other token counts than the baseline's")
+    # the baseline's compute dtype, not this machine's default: baselines from before it was recorded ran in bf16
     run = measure(path, select_precisions(baseline, precisions), seqlen, s.get("windows"), s.get("stride"),
-                  reference=s.get("reference", True), progress=progress, **options)
+                  reference=s.get("reference", True), progress=progress, compute=s.get("compute", "bf16"),
+                  **options)
     run.files = files
     return run

@@ -20,7 +20,7 @@ from torch import nn
 from ..place.sizes import PACKED_HEAD_CACHE_MAX_BYTES
 from ..quant import internals
 
-PACK_HEAD_MIN_TOKENS = 32  # repacking the head costs about what it saves over 20 decode steps (measured)
+PACK_HEAD_MIN_TOKENS = 32  # repacking the head costs about what it saves over 20 decode steps (docs/benchmarks.md)
 # the packed head is kept on the module between calls (a second copy of its weight, e.g. of the tied embedding)
 # up to this size; a larger head is packed for each call and freed after it, as memory is scarcer there
 PACKED_HEAD_ATTRIBUTE = "_packed_head"  # (weight key, oneDNN-packed weight) on the head module
@@ -48,8 +48,8 @@ def _free(module: nn.Module) -> bool:
 
 
 def packed_head_forward(head: nn.Module, new_tokens: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The output head on a oneDNN-packed copy of its weight (measured twice as fast at a few rows, bit-identical in
-    bf16, within rounding in fp32), or None where it does not apply. A head of up to
+    """The output head on a oneDNN-packed copy of its weight (faster at a few rows, docs/benchmarks.md;
+    bit-identical in bf16, within rounding in fp32), or None where it does not apply. A head of up to
     `PACKED_HEAD_CACHE_MAX_BYTES` keeps its copy for the next call (`packed_head`); a larger one's copy lives as
     long as the returned function, so memory returns to normal after generate."""
     weight = getattr(head, "weight", None)

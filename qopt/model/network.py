@@ -85,8 +85,8 @@ def build_attention_mask(attention_mask: torch.Tensor, query_length: int, past_l
 
 def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
                            ) -> torch.Tensor:
-    """One query per row (a decode step) in 16 bits on CPU: fp32 matmuls here are 2-3x faster than SDPA's CPU
-    kernel, which also computes in fp32, so the result rounds the same way."""
+    """One query per row (a decode step) in 16 bits on CPU: fp32 matmuls are faster than SDPA's CPU kernel at
+    one query (docs/benchmarks.md), which also computes in fp32, so the result rounds the same way."""
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2))
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))

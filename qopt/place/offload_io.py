@@ -32,8 +32,8 @@ from ..utils import DTYPES, dtype_name
 logger = logging.getLogger(__name__)
 PACKED_SUFFIX = ".cpu-packed"  # offload-folder key of a tensor in the CPU kernel's layout: f"{module}.{key}{suffix}"
 _ALIGN = 64  # tensors inside a shared buffer start at multiples of this, so any dtype view is aligned
-READ_THREADS = 4  # files of one layer read at once: a disk serves several requests faster than one (measured
-# here: 1 stream ~650 MiB/s, 4 streams ~1 GiB/s)
+READ_THREADS = 4  # files of one layer read at once: a disk serves several requests faster than one (figures
+# in docs/benchmarks.md)
 _PARALLEL_BYTES = 1 << 20  # below this a layer's files are read one after the other
 
 
