@@ -220,13 +220,13 @@ def child_step(folder: str, offload: str, steps: int, repeats: int) -> dict:
     rows = prompt_ids(1)
     qopt.generate_many(model, rows, max_new_tokens=1, eos_token_id=[])  # CPU layout written
     streamers = []
-    run = streaming.LayerStreamer.run
+    run = streaming.LayerRunner.run
 
     def recorded(self, *args, **kwargs):
         streamers.append(self)
         return run(self, *args, **kwargs)
 
-    streaming.LayerStreamer.run = recorded
+    streaming.LayerRunner.run = recorded
     times: dict[bool, list[float]] = {True: [], False: []}
     waits: dict[bool, list[float]] = {True: [], False: []}
     for _ in range(repeats):

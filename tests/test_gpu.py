@@ -15,7 +15,7 @@ import torch
 import qopt
 from qopt.evaluation.perplexity import evaluate_ids
 from qopt.io.checkpoint import inspect_checkpoint
-from qopt.loading.consumers import check_model_folder
+from qopt.compat.models import check_model_folder
 from qopt.model.network import input_device
 from tests.conftest import make_hf_model, save_random_opt
 

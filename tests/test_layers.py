@@ -28,7 +28,7 @@ LAYERS = (
     ("place",),
     ("loading",),
     ("generation", "finetuning", "calibration"),
-    ("evaluation",),
+    ("evaluation", "compat"),
     ("cli",),
     ("__init__", "__main__"),
 )

@@ -12,7 +12,7 @@ from qopt.errors import GenerationError
 from qopt.evaluation.perplexity import evaluate_ids
 from qopt.place import offload_io
 from qopt.place.offload_io import PACKED_SUFFIX, Prefetcher
-from qopt.place.streaming import HiddenStore, LayerStreamer, has_offloaded_layers, layer_hooks
+from qopt.loading.layer_runner import HiddenStore, LayerRunner, has_offloaded_layers, layer_hooks
 from tests.conftest import make_hf_model
 
 LAYERS = 4
@@ -126,7 +126,7 @@ def test_prefetch_reads_in_a_background_thread_and_gives_the_same_hidden_states(
     monkeypatch.setattr(offload_io, "read_exact", spy)
     outputs = []
     for prefetch in (True, False, True):  # the second prefetched run reads the CPU layout the first one wrote
-        streamer = LayerStreamer(model, prefetch=prefetch)
+        streamer = LayerRunner(model, prefetch=prefetch)
         states, masks = zip(*(streamer.embed(IDS[k:k + 64].reshape(2, 32)) for k in (0, 64)))
         states = list(states)
         streamer.run(states, masks)

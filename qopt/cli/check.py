@@ -22,9 +22,9 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import CheckpointError
-    from ..finetuning.adapter_check import check_adapter_folder
+    from ..compat.adapters import check_adapter_folder
     from ..io.checkpoint import ADAPTER_CONFIG
-    from ..loading.consumers import check_model_folder
+    from ..compat.models import check_model_folder
 
     folder = Path(args.folder)
     if not folder.is_dir():

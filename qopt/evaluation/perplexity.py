@@ -131,7 +131,7 @@ class PerplexityResult:
         if self.kl is not None:
             line += f"; KL {self.kl:.5f}, top-1 agreement {self.top1:.2%}"
         if self.streaming:
-            from ..place.streaming import describe_budget
+            from ..loading.layer_runner import describe_budget
 
             line += (f"; layer-major, {self.streaming['bytes_read'] / 2**20:,.1f} MiB read from disk, "
                      f"{describe_budget(self.streaming)}")
@@ -224,7 +224,7 @@ def evaluate_ids(model: Any, ids: torch.Tensor, seqlen: int | None = None, strid
         if hasattr(m, "eval"):
             m.eval()
     if streamed is None:
-        from ..place.streaming import has_offloaded_layers
+        from ..loading.layer_runner import has_offloaded_layers
 
         streamed = has_offloaded_layers(model)
     if streamed:

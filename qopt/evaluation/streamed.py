@@ -1,7 +1,7 @@
 """Perplexity of a model with decoder layers on disk, layer-major: each offloaded layer is read once per evaluation.
 
 `evaluate_ids` comes here when a decoder layer is offloaded. All windows are embedded, cut into micro-batches,
-and passed through layer 0, then layer 1, ... (`qopt.place.streaming.LayerStreamer`); the hidden states wait
+and passed through layer 0, then layer 1, ... (`qopt.loading.layer_runner.LayerRunner`); the hidden states wait
 in host memory up to a budget and in the offload folder past it. The output head then runs window by window
 with the same scoring as the window-major loop (`_Totals`), so the numbers agree with it to float rounding. A
 reference that is offloaded too runs the same way first; one in memory runs window by window at scoring time.
@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..model.network import input_device
-from ..place.streaming import DEFAULT_HIDDEN_BUDGET, DEFAULT_PREFETCH_DEPTH, HiddenStore, LayerStreamer, \
+from ..loading.layer_runner import DEFAULT_HIDDEN_BUDGET, DEFAULT_PREFETCH_DEPTH, HiddenStore, LayerRunner, \
     has_offloaded_layers
 from .perplexity import PerplexityResult, Window, _forward_fn, _Totals
 
@@ -28,9 +28,9 @@ def default_micro_batch(seqlen: int) -> int:
 
 
 def _streamed_pass(model: Any, ids: torch.Tensor, groups: Sequence[Sequence[Window]], budget: int | str,
-                   prefetch: bool, depth: int, progress: bool, desc: str) -> tuple[LayerStreamer, HiddenStore]:
+                   prefetch: bool, depth: int, progress: bool, desc: str) -> tuple[LayerRunner, HiddenStore]:
     """Every micro-batch through every decoder layer; returns the streamer and the last layer's outputs."""
-    streamer = LayerStreamer(model, prefetch=prefetch, depth=depth)
+    streamer = LayerRunner(model, prefetch=prefetch, depth=depth)
     folder = streamer.store.save_folder if streamer.store is not None else None
     hidden = HiddenStore(budget, folder)
     device = input_device(model)
@@ -51,7 +51,7 @@ def _streamed_pass(model: Any, ids: torch.Tensor, groups: Sequence[Sequence[Wind
     return streamer, hidden
 
 
-def _window_logits(model: Any, streamer: LayerStreamer, states: torch.Tensor, row: int) -> torch.Tensor:
+def _window_logits(model: Any, streamer: LayerRunner, states: torch.Tensor, row: int) -> torch.Tensor:
     """Logits of one window (row of a micro-batch's final hidden states), as `model(ids).logits[0]` gives them."""
     head_input = streamer.head_input(states[row:row + 1])
     head = model.lm_head

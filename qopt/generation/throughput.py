@@ -3,7 +3,7 @@
 `generate` on one prompt batch rebuilds every offloaded layer at every decode step, and prompts run one batch
 after another, so each generated token of each batch reads the offloaded bytes again. Here the prompts are cut
 into micro-batches (similar lengths together, left-padded) that advance in lock step: at each decode step every
-offloaded layer is brought in once (`qopt.place.streaming.LayerStreamer`, read ahead while the previous layer
+offloaded layer is brought in once (`qopt.loading.layer_runner.LayerRunner`, read ahead while the previous layer
 computes) and serves every micro-batch before the next one is read. Per step the disk is read once, whatever
 the number of prompts. Each micro-batch keeps its own KV cache, mask and positions (`DecodeState`), and the
 steps are `generate`'s, so a prompt's tokens are those `generate` gives it alone (greedy; to rounding).
@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..errors import GenerationError
 from ..model.network import input_device
-from ..place.streaming import DEFAULT_PREFETCH_DEPTH, LayerStreamer
+from ..loading.layer_runner import DEFAULT_PREFETCH_DEPTH, LayerRunner
 from .decoding import DecodeState, GenerationConfig, _as_list, _check_prompt, _new_token_count, _Rows, process_scores
 from .lean_forwards import decode_fast_paths
 
@@ -64,7 +64,7 @@ def _micro_batches(model: nn.Module, prompts: list[torch.Tensor], batch_size: in
     return batches
 
 
-def _inputs(streamer: LayerStreamer, batch: _MicroBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _inputs(streamer: LayerRunner, batch: _MicroBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
     """What `DecodeState.prefill` / `decode_one_token` feed the model, embedded for the first layer."""
     state, length = batch.state, batch.length
     if length == state.width:  # prefill
@@ -111,7 +111,7 @@ def generate_many(model: nn.Module, prompts: Sequence[Sequence[int] | torch.Tens
     model.eval()
     device = input_device(model, torch.device("cpu"))
     batches = _micro_batches(model, rows, batch_size, config, pad, eos, device)
-    streamer = LayerStreamer(model, prefetch=prefetch, depth=depth)
+    streamer = LayerRunner(model, prefetch=prefetch, depth=depth)
     generator = torch.Generator(device).manual_seed(config.seed) if config.seed is not None else None
     total = sum(len(b.order) * (b.end - b.length) for b in batches)
     bar = tqdm(total=total, desc="Generating", unit="tok", unit_scale=True, disable=not progress)
@@ -132,7 +132,7 @@ def generate_many(model: nn.Module, prompts: Sequence[Sequence[int] | torch.Tens
     return _collect(batches, len(rows), eos)
 
 
-def _step(model: nn.Module, streamer: LayerStreamer, batch: _MicroBatch, states: torch.Tensor,
+def _step(model: nn.Module, streamer: LayerRunner, batch: _MicroBatch, states: torch.Tensor,
           config: GenerationConfig, generator: torch.Generator | None) -> None:
     """The head on the newest position, then `greedy_or_sample`'s token choice and bookkeeping."""
     head = model.lm_head

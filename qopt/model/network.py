@@ -288,7 +288,7 @@ class OPTDecoder(nn.Module):
     def embed(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, past: int,
               position_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """What the first decoder layer reads: (hidden states, boolean attention mask or None). A stage of its own
-        so that a layer-major runner (`qopt.place.streaming`) computes exactly what `forward` does."""
+        so that a layer-major runner (`qopt.loading.layer_runner`) computes exactly what `forward` does."""
         batch, seq = inputs_embeds.shape[:2]
         unpadded = attention_mask is None
         if attention_mask is None:

@@ -6,7 +6,7 @@ each layer's tensors in the standard saved layout (accelerate's `offload_weight`
 tensor plus `index.json`, read back by `offload_io.OffloadStore` with counted positional reads), and
 `RebuildOnForward`, an accelerate `ModelHook`, rebuilds the layer from them before its forward (quantized
 weights through `set_quantized_state`, no re-quantization) and frees it after. A layer-major runner
-(`qopt.place.streaming`) instead holds a layer resident while every micro-batch passes through it.
+(`qopt.loading.layer_runner`) instead holds a layer resident while every micro-batch passes through it.
 
 A layer placed "host" is the GPU user's middle ground (FlexGen's and accelerate's CPU offload): its tensors,
 quantized, stay in host RAM (`HostStore`, pinned when a GPU is present: page-locked memory copies to a GPU at

@@ -22,8 +22,8 @@ from ..utils import FLOAT_DTYPES
 from .device_map import host_placement, infer_device_map, normalize_max_memory
 from .strategies import STRATEGIES
 from ..quant.modules import cpu_repacks
-from .sizes import DeviceMap, activation_bytes, kv_cache_bytes_per_layer, packed_head_bytes, sizing_view
-from .streaming import DEFAULT_PREFETCH_DEPTH
+from .sizes import (DEFAULT_PREFETCH_DEPTH, DeviceMap, activation_bytes, kv_cache_bytes_per_layer, packed_head_bytes,
+                    sizing_view)
 
 DEFAULT_CONTEXT = 2048  # OPT's max_position_embeddings; smaller models are capped at their own
 

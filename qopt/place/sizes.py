@@ -21,6 +21,7 @@ from ..quant.formats import BLOCKSIZE, quantized_weight_bytes
 from ..quant.modules import bits_of, is_quantized, swap_linears_on_meta
 
 NO_SPLIT = [OPTDecoderLayer.__name__]  # accelerate never splits a decoder layer across devices
+DEFAULT_PREFETCH_DEPTH = 2  # offloaded layers read ahead of the one computing (the layer-major runner's default)
 PACKED_HEAD_CACHE_MAX_BYTES = 256 * 2**20  # a larger output head is packed for each generate call, not kept
 ONEDNN_ROW_BLOCK, ONEDNN_COLUMN_BYTES = 64, 64  # the padding of oneDNN's packed matmul weight (fp32 and bf16)
 DeviceMap = dict[str, "int | str"]  # module name -> GPU index, "cpu", "disk" or "host" (stored in RAM, run on the GPU)

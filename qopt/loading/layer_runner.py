@@ -1,7 +1,7 @@
 """Layer-major execution: every micro-batch passes through decoder layer i before layer i + 1 is brought in.
 
 A model with decoder layers on disk normally rebuilds each of them at every forward: an evaluation of N windows
-reads the offloaded bytes N times, and every generated token reads them again per sequence. `LayerStreamer`
+reads the offloaded bytes N times, and every generated token reads them again per sequence. `LayerRunner`
 turns the loop inside out: one pass holds one layer resident (read once, through `Prefetcher`, while the
 previous layer computes) and runs all micro-batches through it, so a pass reads each offloaded layer once
 however many sequences it serves. The hidden states between layers wait in a `HiddenStore`: host memory up to
@@ -25,12 +25,12 @@ import torch
 from torch import nn
 
 from ..model.cache import KVCache
+from ..place.sizes import DEFAULT_PREFETCH_DEPTH
 from ..utils import format_bytes, parse_size
-from .offload import RebuildOnForward, offloaded_tensors
-from .offload_io import OffloadStore, Prefetcher, read_exact
+from ..place.offload import RebuildOnForward, offloaded_tensors
+from ..place.offload_io import OffloadStore, Prefetcher, read_exact
 
 DEFAULT_HIDDEN_BUDGET = "2GiB"  # host memory for hidden states between layers before they spill to disk
-DEFAULT_PREFETCH_DEPTH = 2  # offloaded layers read ahead of the one computing
 
 
 def decoder_of(model: nn.Module) -> nn.Module:
@@ -143,7 +143,7 @@ class PassStats:
     host_bytes: int = 0  # copied from host RAM for the layers placed "host"
 
 
-class LayerStreamer:
+class LayerRunner:
     """Runs a qopt model's decoder layers layer-major over micro-batches, each offloaded layer read once a pass.
 
     `prefetch` reads up to `depth` offloaded layers ahead in a background thread; without it each layer is read

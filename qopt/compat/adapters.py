@@ -14,9 +14,9 @@ from typing import Any
 from ..errors import CheckpointError
 from ..io.checkpoint import (ADAPTER_BIN, ADAPTER_CONFIG, ADAPTER_WEIGHTS, BIN_WEIGHTS, SAFE_INDEX, SAFE_WEIGHTS,
                              read_safetensors_header)
-from ..loading.consumers import CheckReport, Finding
+from ..finetuning.adapters import PEFT_PREFIX
 from ..model.config import CONFIG_NAME
-from .adapters import PEFT_PREFIX
+from .models import CheckReport, Finding
 
 _LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 
