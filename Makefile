@@ -14,7 +14,8 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-test: install  ## the fast suite (what .ci/run calls first)
+test: install  ## lint, then the fast suite (what .ci/run calls first)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -m "not slow and not gpu" -p no:cacheprovider
 
 test-slow: install  ## scale tests: large synthetic checkpoints, peak-RSS checks

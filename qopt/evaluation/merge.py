@@ -86,8 +86,7 @@ def merged_model(base: str | os.PathLike, adapter: str | os.PathLike, *, bits: i
     report = merge_into_float(merged)
     if bits == 16:
         return merged.to(dtype), report
-    target = QuantizationConfig(load_in_8bit=bits == 8, load_in_4bit=bits == 4, bnb_4bit_quant_type=quant_type,
-                                bnb_4bit_use_double_quant=double_quant)
+    target = QuantizationConfig.from_bits(bits, quant_type, double_quant)
     if method == "calibrated":
         ids = calibration_windows(calibration_text, count=calibration_count,
                                   seqlen=min(merged.config.max_position_embeddings, 2048))

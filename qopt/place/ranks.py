@@ -11,8 +11,8 @@ import os
 from typing import Any
 
 from ..errors import PlanError
+from .strategies import STRATEGIES
 
-SPREADING = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's multi-device strategies
 
 
 def world_size() -> int:
@@ -38,7 +38,7 @@ def local_rank() -> int:
 def spans_devices(device_map: Any) -> bool:
     """A strategy name, or a dict placing modules on more than one device (disk counts as one)."""
     if isinstance(device_map, str):
-        return device_map in SPREADING
+        return device_map in STRATEGIES
     if isinstance(device_map, dict):
         return len({str(d) for d in device_map.values()}) > 1
     return False
