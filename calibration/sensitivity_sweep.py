@@ -20,11 +20,16 @@ import torch
 from qopt import load
 from qopt.bundled import bundled_model_dir
 from qopt.calibration.layerwise import SEQUENTIAL_GROUPS, calibration_windows, mixed_precision
+from qopt.calibration.sensitivity import (
+    choose_precision,
+    layer_sensitivity,
+    load_sensitivities,
+    model_bytes,
+    save_sensitivities,
+)
 from qopt.evaluation.perplexity import evaluate_ids, tokenize, wikitext2_text
 from qopt.quant.config import QuantizationConfig
 from qopt.quant.modules import quantize_model
-from qopt.calibration.sensitivity import (choose_precision, layer_sensitivity, load_sensitivities, model_bytes,
-                                          save_sensitivities)
 
 
 def heatmap(ranking, layers: int, path: Path, metric: str) -> None:

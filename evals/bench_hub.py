@@ -180,7 +180,7 @@ def table(results: dict) -> str:
              "transformers | stream / max(download, load) | peak extra disk (stream / no keep) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for rate, row in results["rates"].items():
-        get = lambda mode: row[mode]["seconds"] if mode in row else float("nan")  # noqa: E731
+        get = lambda mode, row=row: row[mode]["seconds"] if mode in row else float("nan")  # noqa: E731
         bound = max(get("download"), load)
         disk = (f"{row['stream']['peak_disk'] / 1e9:.2f} / {row['stream-scratch']['peak_disk'] / 1e9:.2f} GB"
                 if "stream" in row and "stream-scratch" in row else "")

@@ -164,7 +164,7 @@ def main() -> None:
           f"RSS target 1.1 x (model + shard) = {target / 2**30:.2f} GiB")
     summaries = {}
     for which, runs in results.items():
-        summaries[which] = {key: dict(zip(("median", "spread"), summary(runs, key)))
+        summaries[which] = {key: dict(zip(("median", "spread"), summary(runs, key), strict=True))
                             for key in ("seconds", "peak", "peak_anon")}
         (t, dt), (m, dm), (a, da) = (summary(runs, k) for k in ("seconds", "peak", "peak_anon"))
         print(f"{which:13s} load {t:7.1f} s ({dt:.1f})   peak RSS {m / 2**30:6.2f} GiB ({dm / 2**30:.2f})   "

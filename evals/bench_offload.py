@@ -180,7 +180,7 @@ def child_generate(which: str, folder: str, offload: str, prompts: int, new: int
     before, began = read_bytes(), time.perf_counter()
     if which in ("many", "many-bf16"):
         outputs = qopt.generate_many(model, rows, batch_size=batch_size, max_new_tokens=new, eos_token_id=[])
-        generated = sum(len(o) - len(r) for o, r in zip(outputs, rows))
+        generated = sum(len(o) - len(r) for o, r in zip(outputs, rows, strict=True))
     elif which == "batched":  # qopt's plain `generate`, left-padded batches of `batch_size` prompts
         outputs, generated = [], 0
         for start in range(0, len(rows), batch_size):
@@ -194,7 +194,7 @@ def child_generate(which: str, folder: str, offload: str, prompts: int, new: int
     elif which == "single":
         outputs = [qopt.generate(model, torch.tensor([r]), max_new_tokens=new, eos_token_id=[])[0]
                    for r in rows[:count]]
-        generated = sum(len(o) - len(r) for o, r in zip(outputs, rows))
+        generated = sum(len(o) - len(r) for o, r in zip(outputs, rows, strict=True))
     else:
         width = max(len(r) for r in rows)
         ids = torch.tensor([[1] * (width - len(r)) + r for r in rows])
@@ -277,9 +277,9 @@ def run_child(part: str, log: Path, **kwargs) -> dict:
 def prepare(folder: Path, size: str) -> tuple[Path, Path]:
     sys.path.insert(0, str(ROOT / "evals"))
     import torch
+    from bench_load import write_synthetic_checkpoint
 
     import qopt
-    from bench_load import write_synthetic_checkpoint
 
     fp16 = write_synthetic_checkpoint(folder / f"opt-{size}-fp16", size)
     nf4 = folder / f"opt-{size}-nf4"

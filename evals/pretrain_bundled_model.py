@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from qopt import OPTConfig, OPTForCausalLM, OPTTokenizer
-from qopt.io.atomic import atomic_write_text
 from qopt.evaluation.perplexity import wikitext_join
+from qopt.io.atomic import atomic_write_text
 
 MODEL = dict(vocab_size=50272, hidden_size=256, num_hidden_layers=6, ffn_dim=1024, num_attention_heads=4,
              max_position_embeddings=256, dropout=0.0, do_layer_norm_before=True, word_embed_proj_dim=256)

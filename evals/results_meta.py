@@ -115,7 +115,7 @@ class PeakAnon:
         while not self._stop.wait(self.interval):
             self.peak = max(self.peak, status_bytes("RssAnon"))
 
-    def __enter__(self) -> "PeakAnon":
+    def __enter__(self) -> PeakAnon:
         self._thread.start()
         return self
 

@@ -15,7 +15,6 @@ never touches the committed JSONs or the docs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys

@@ -19,7 +19,8 @@ result = qopt.finetune(bundled_model_dir(), data_dir() / "calibration" / "calibr
                        qopt.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"),
                        quantization="nf4", block_size=128)
 first, last = result.evals[0]["loss"], result.evals[-1]["loss"]
-print(f"{result.steps} steps, {result.trainable_parameters:,} trainable parameters: eval loss {first:.3f} -> {last:.3f}")
+print(f"{result.steps} steps, {result.trainable_parameters:,} trainable parameters: "
+      f"eval loss {first:.3f} -> {last:.3f}")
 
 model = qopt.load(bundled_model_dir(), quantization="nf4", progress=False)
 qopt.load_adapter(model, out)

@@ -76,20 +76,34 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what static tools see; at run time the names arrive through __getattr__
-    from .calibration.layerwise import (CalibrationConfig, CalibrationReport, calibrate, calibrate_checkpoint,
-                                        calibration_windows)
+    from .calibration.layerwise import (
+        CalibrationConfig,
+        CalibrationReport,
+        calibrate,
+        calibrate_checkpoint,
+        calibration_windows,
+    )
     from .calibration.sensitivity import choose_precision, layer_sensitivity, plan_for_checkpoint
-    from .errors import (AdapterError, CheckpointError, ConfigError, GenerationError, NumericsError, PlanError,
-                         QoptError, TokenizerError)
-    from .errors import DownloadError, HubAccessError, HubError, HubOfflineError
+    from .errors import (
+        AdapterError,
+        CheckpointError,
+        ConfigError,
+        DownloadError,
+        GenerationError,
+        HubAccessError,
+        HubError,
+        HubOfflineError,
+        NumericsError,
+        PlanError,
+        QoptError,
+        TokenizerError,
+    )
     from .evaluation.compare import compare_precisions
-    from .io.hub import resolve_model
-    from .place.download_plan import download_plan
     from .evaluation.footprint import weight_footprint
+    from .evaluation.merge import MergeResult, merge_adapter, merge_and_unload
     from .evaluation.perplexity import PerplexityResult, evaluate_perplexity
     from .evaluation.report import ComparisonReport
     from .finetuning.adapters import load_adapter, save_adapter
-    from .evaluation.merge import MergeResult, merge_adapter, merge_and_unload
     from .finetuning.lora import LoraConfig, add_lora, delete_adapter, disable_adapters, set_adapter, unload
     from .finetuning.merge import MergeQuality
     from .finetuning.plan import FinetunePlan, plan_finetune
@@ -98,12 +112,14 @@ if TYPE_CHECKING:  # what static tools see; at run time the names arrive through
     from .generation.decoding import GenerationConfig, generate, generate_text
     from .generation.streamers import TextIteratorStreamer, TextStreamer, stream_generate
     from .generation.throughput import generate_many
+    from .io.hub import resolve_model
     from .loading.loader import load, quantize_checkpoint
     from .model.cache import KVCache
     from .model.config import OPTConfig
     from .model.network import OPTForCausalLM, OPTForQuestionAnswering, OPTForSequenceClassification, OPTModel
     from .model.numerics import check_finite, find_nonfinite
     from .model.tokenizer import OPTTokenizer
+    from .place.download_plan import download_plan
     from .place.plan import MemoryPlan, plan
     from .quant.config import QuantizationConfig
     from .quant.modules import dequantize_weight, quantize_model

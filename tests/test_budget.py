@@ -9,8 +9,13 @@ import qopt
 from qopt.calibration import layerwise as cal
 from qopt.calibration import sensitivity as sens
 from qopt.calibration.layerwise import SEQUENTIAL_GROUPS, grid_for_bits, mixed_precision, rtn_dequantized
-from qopt.calibration.sensitivity import (check_budget, decoder_linear_names, model_bytes, plan_for_checkpoint,
-                                          streamed_sensitivity)
+from qopt.calibration.sensitivity import (
+    check_budget,
+    decoder_linear_names,
+    model_bytes,
+    plan_for_checkpoint,
+    streamed_sensitivity,
+)
 from qopt.cli import main
 from qopt.errors import PlanError
 from qopt.evaluation.compare import stored_precision

@@ -9,8 +9,13 @@ import torch
 import qopt
 from qopt.calibration import layerwise as cal
 from qopt.calibration.layerwise import CalibrationConfig, calibrate, calibration_windows, mixed_precision
-from qopt.calibration.sensitivity import (Sensitivity, choose_precision, decoder_linear_names, layer_sensitivity,
-                                          model_bytes)
+from qopt.calibration.sensitivity import (
+    Sensitivity,
+    choose_precision,
+    decoder_linear_names,
+    layer_sensitivity,
+    model_bytes,
+)
 from qopt.errors import PlanError
 from qopt.quant.config import QuantizationConfig
 from qopt.quant.gptq import Grid, HessianAccumulator, gptq_round, output_error
@@ -230,7 +235,7 @@ def test_sensitivity_finds_the_layer_made_fragile(tiny_checkpoint, windows):
 
 def _synthetic(model, scores):
     return [Sensitivity(name, model.get_submodule(name).weight.numel(), output_error=0.0, kl=score)
-            for name, score in zip(decoder_linear_names(model), scores)]
+            for name, score in zip(decoder_linear_names(model), scores, strict=True)]
 
 
 @pytest.mark.parametrize("high_bits", [8, 16])
@@ -238,7 +243,7 @@ def test_mixed_precision_under_a_budget_keeps_the_most_sensitive(tiny_checkpoint
     model = qopt.load(tiny_checkpoint)
     names = decoder_linear_names(model)
     scores = [0.1 * (i % 5) + 0.01 * i for i in range(len(names))]
-    ranked = [n for _, n in sorted(zip(scores, names), reverse=True)]
+    ranked = [n for _, n in sorted(zip(scores, names, strict=True), reverse=True)]
     base = QuantizationConfig.from_name("nf4")
     all4 = model_bytes(model.config, base)
     exact = model_bytes(model.config, mixed_precision(base, {n: high_bits for n in ranked[:3]}))

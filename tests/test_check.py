@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 
 import qopt
 from qopt import cli
-from qopt.errors import AdapterError
 from qopt.compat.adapters import check_adapter_folder
 from qopt.compat.models import check_model_folder, rule_names
+from qopt.errors import AdapterError
 from qopt.quant.config import QuantizationConfig
 from qopt.quant.modules import quantize_model
 from tests.conftest import VARIANTS, make_hf_model

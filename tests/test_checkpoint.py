@@ -38,7 +38,7 @@ def test_our_checkpoint_loads_in_transformers(tmp_path, hf_checkpoint, shard):
     with torch.no_grad():
         assert (peer(ids).logits - ours(ids).logits).abs().max() < 1e-5
     again = qopt.OPTForCausalLM.from_pretrained(out)
-    for (name, a), b in zip(ours.state_dict().items(), again.state_dict().values()):
+    for (name, a), b in zip(ours.state_dict().items(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
 

@@ -2,7 +2,6 @@
 model, portable baselines, fp16 training on a CPU. Each test here failed before."""
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -162,8 +161,8 @@ def test_fp16_training_on_a_cpu_warns_once_and_the_cpu_plan_says_so(tmp_path, ca
     plan = qopt.plan_finetune(BUNDLED, machine="cpu", host="8GiB").format()
     assert "not fp16: CPUs have no fast float16 matmuls" in plan
     assert "no fast float16" not in qopt.plan_finetune(BUNDLED, machine="colab-t4").format()
-    from qopt.cli.main import cli_words
     from qopt.cli import finetune as command
+    from qopt.cli.main import cli_words
 
     assert "--bf16" in cli_words(Exception(), recipe.FP16_ON_CPU, command.run)
     assert "fp16=True" not in cli_words(Exception(), recipe.FP16_ON_CPU, command.run)

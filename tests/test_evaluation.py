@@ -14,8 +14,14 @@ from qopt.cli import main as cli_main
 from qopt.evaluation.compare import compare_precisions
 from qopt.evaluation.footprint import weight_footprint
 from qopt.evaluation.gate import Limits, Measurement, Tolerance, measure, read_baseline, write_baseline
-from qopt.evaluation.perplexity import (cut_windows, describe_windows, evaluate_ids, evaluate_perplexity, text_ids,
-                                       wikitext2_text)
+from qopt.evaluation.perplexity import (
+    cut_windows,
+    describe_windows,
+    evaluate_ids,
+    evaluate_perplexity,
+    text_ids,
+    wikitext2_text,
+)
 from qopt.evaluation.report import ComparisonReport
 from qopt.evaluation.verdict import check_baseline
 from tests.conftest import save_random_opt
@@ -195,7 +201,7 @@ EXPECTED_BYTES = {  # (before the first forward, after it) per bitsandbytes' for
 @pytest.mark.parametrize("kind", sorted(EXPECTED_BYTES))
 def test_weight_footprint_of_quantized_layers_in_both_states(kind):
     layers = _bnb_layers(kind)
-    for state, expected in zip(("as loaded", "after a forward"), EXPECTED_BYTES[kind]):
+    for state, expected in zip(("as loaded", "after a forward"), EXPECTED_BYTES[kind], strict=True):
         foot = weight_footprint(layers)
         bias = layers[0].bias.numel() * layers[0].bias.element_size()
         assert (state, foot.linear_bytes) == (state, expected)

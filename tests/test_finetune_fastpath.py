@@ -38,7 +38,7 @@ def test_losses_over_20_steps_match_the_all_fp32_recipe(tmp_path):
     _, plain = losses(folder, tmp_path / "plain", half=False)
     model, fast = losses(folder, tmp_path / "fast", half=True)
     assert plain[-1] < plain[0] - 0.5  # both runs learn
-    worst = max(abs(a - b) / abs(a) for a, b in zip(plain, fast))
+    worst = max(abs(a - b) / abs(a) for a, b in zip(plain, fast, strict=True))
     assert worst < 5e-3, (worst, plain, fast)  # bf16 logits: 8 bits of mantissa, about 0.4% per value
     # the residual stream stays fp32: only the head's input is cast down
     hidden = model.model.decoder(input_ids=torch.arange(10)[None] + 20).last_hidden_state

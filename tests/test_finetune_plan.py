@@ -192,7 +192,7 @@ def test_a_partly_checkpointed_step_has_the_planned_peak_and_the_same_gradients(
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
     assert peaks[1] > peaks[0]  # the layer kept costs memory: what "auto" trades
-    for layers, peak in zip((2, 1), peaks):
+    for layers, peak in zip((2, 1), peaks, strict=True):
         planned = plan_finetune(tiny, r=16, target_modules=TARGETS, batch=batch, seq=seq,
                                 gradient_checkpointing=layers)
         predicted = planned.sizes.peak_activations + planned.sizes.grads

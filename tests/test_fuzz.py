@@ -206,7 +206,7 @@ def test_tokenizer_round_trips_any_text(tokenizer, text):
 def test_tokenizer_batches_agree_with_single_texts(tokenizer, texts):
     assume(not any(s in t for t in texts for s in SPECIAL))
     batch = tokenizer(texts, padding=True, return_tensors="pt", padding_side="left")
-    for row, mask, text in zip(batch["input_ids"], batch["attention_mask"], texts):
+    for row, mask, text in zip(batch["input_ids"], batch["attention_mask"], texts, strict=True):
         assert row[mask.bool()].tolist() == tokenizer.encode(text)
 
 

@@ -106,10 +106,10 @@ def test_sampling_is_reproducible_and_respects_top_k_and_top_p(pair):
     assert torch.equal(ours.generate(ids, seed=3, **{**sample, "top_k": 1}), greedy)
     out = ours.generate(ids, seed=4, **{**sample, "top_k": 5})
     probs, tokens = step_distributions(ours, out, ids.shape[1], 3.0)
-    assert all(int(t) in p.topk(5).indices.tolist() for p, t in zip(probs, tokens))
+    assert all(int(t) in p.topk(5).indices.tolist() for p, t in zip(probs, tokens, strict=True))
     out = ours.generate(ids, seed=5, **{**sample, "top_k": 0, "top_p": 0.5})
     probs, tokens = step_distributions(ours, out, ids.shape[1], 3.0)
-    for p, t in zip(probs, tokens):  # the nucleus: tokens whose more likely rivals hold less than top_p
+    for p, t in zip(probs, tokens, strict=True):  # the nucleus: tokens whose more likely rivals hold less than top_p
         assert p[p > p[t]].sum() < 0.5 + 1e-5
     assert len(set(tokens.tolist())) > 1
 
@@ -123,7 +123,7 @@ def contrastive_reference(model, ids, k, alpha, steps):
             context = out.hidden_states[-1][0].float()
             top_probs, top_ids = out.logits[0, -1].float().softmax(-1).topk(k)
             scores = []
-            for prob, token in zip(top_probs, top_ids):
+            for prob, token in zip(top_probs, top_ids, strict=True):
                 hidden = model(torch.cat([seq, token.view(1, 1)], 1), output_hidden_states=True).hidden_states[-1]
                 similarity = F.cosine_similarity(context, hidden[0, -1:].float(), dim=-1).max()
                 scores.append((1 - alpha) * prob - alpha * similarity)

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import qopt
+from qopt.compat.models import check_model_folder
 from qopt.evaluation.perplexity import evaluate_ids
 from qopt.io.checkpoint import inspect_checkpoint
-from qopt.compat.models import check_model_folder
 from qopt.model.network import input_device
 from tests.conftest import make_hf_model, save_random_opt
 
@@ -173,7 +173,7 @@ def test_calibration_of_one_layer_on_gpu(tmp_path):
     _, cpu = qopt.calibrate(tmp_path / "one", windows, progress=False)
     model, gpu = qopt.calibrate(tmp_path / "one", windows, progress=False, device=DEVICE)
     assert on_device(model) == {"cpu"}  # calibrated on the device, kept where a folder's model lives
-    for ours, theirs in zip(gpu.modules, cpu.modules):
+    for ours, theirs in zip(gpu.modules, cpu.modules, strict=True):
         assert ours.name == theirs.name and ours.calibrated_error <= ours.rtn_error
         assert abs(ours.calibrated_error / theirs.calibrated_error - 1) < 0.05, (ours, theirs)
     model.save_pretrained(tmp_path / "gptq")

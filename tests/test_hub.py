@@ -25,7 +25,7 @@ from qopt.errors import ConfigError, DownloadError, HubAccessError, HubError, Hu
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import make_hf_model  # noqa: E402
-from hub_server import Fault, FakeHub, git_blob_id, hub_environment, tree_files  # noqa: E402
+from hub_server import FakeHub, Fault, git_blob_id, hub_environment, tree_files  # noqa: E402
 
 REPO = "org/tiny-opt"
 IDS = torch.tensor([[2, 31, 415, 7, 99, 5]])
@@ -394,7 +394,7 @@ def test_plan_reads_metadata_only_and_sizes_both_modes(hub, capsys, checkpoints)
 
     assert f"download: {format_bytes(sum(sizes))} from {REPO}@" in kept and "float32" in kept
     assert f"peak disk during the load: {format_bytes(sum(sizes))} (the shards stay in the HF cache" in kept
-    pair = max(a + b for a, b in zip(sizes, sizes[1:]))
+    pair = max(a + b for a, b in zip(sizes, sizes[1:], strict=False))
     assert f"peak disk during the load: {format_bytes(pair)} (--no-keep-download" in streamed
     largest = format_bytes(max(sizes))
     assert re.search(r"peak host RAM during the load: .* anonymous, must fit \(weights kept in RAM .*\), plus up "

@@ -9,8 +9,17 @@ from safetensors.torch import load_file, save_file
 import qopt
 from qopt.errors import AdapterError
 from qopt.finetuning.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, save_adapter
-from qopt.finetuning.lora import (LoraConfig, LoraLinear, ModulesToSave, add_lora, delete_adapter, disable_adapters,
-                                  merge_and_unload, set_adapter, unload)
+from qopt.finetuning.lora import (
+    LoraConfig,
+    LoraLinear,
+    ModulesToSave,
+    add_lora,
+    delete_adapter,
+    disable_adapters,
+    merge_and_unload,
+    set_adapter,
+    unload,
+)
 from qopt.quant.config import QuantizationConfig
 from qopt.quant.modules import quantize_model
 

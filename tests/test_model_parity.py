@@ -28,9 +28,9 @@ def test_causal_lm_logits_states_attentions_loss(hf_checkpoint, variant):
     assert max_diff(a.logits, b.logits) < ATOL
     assert abs(a.loss.item() - b.loss.item()) < ATOL
     assert len(a.hidden_states) == len(b.hidden_states)
-    for x, y in zip(a.hidden_states, b.hidden_states):
+    for x, y in zip(a.hidden_states, b.hidden_states, strict=True):
         assert max_diff(x, y) < ATOL
-    for x, y in zip(a.attentions, b.attentions):
+    for x, y in zip(a.attentions, b.attentions, strict=True):
         assert max_diff(x, y) < ATOL
     # the SDPA path (no attentions requested) gives the same logits
     with torch.no_grad():

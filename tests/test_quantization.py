@@ -8,8 +8,15 @@ import qopt
 from qopt.errors import CheckpointError, ConfigError
 from qopt.quant import quantizers as kernels
 from qopt.quant.config import QuantizationConfig
-from qopt.quant.modules import (config_of, dequantize_weight, is_quantized, linear_from_quantized, quantize_linear,
-                                quantize_model, quantized_state)
+from qopt.quant.modules import (
+    config_of,
+    dequantize_weight,
+    is_quantized,
+    linear_from_quantized,
+    quantize_linear,
+    quantize_model,
+    quantized_state,
+)
 
 PRESETS = ["int8", "nf4", "fp4", "nf4-dq", "fp4-dq"]
 # max |logit error| / max |logit| of a quantized tiny random model against its float original (measured:

@@ -10,9 +10,9 @@ import qopt
 from qopt.bundled import bundled_model_dir
 from qopt.errors import GenerationError
 from qopt.evaluation.perplexity import evaluate_ids
+from qopt.loading.layer_runner import HiddenStore, LayerRunner, has_offloaded_layers, layer_hooks
 from qopt.place import offload_io
 from qopt.place.offload_io import PACKED_SUFFIX, Prefetcher
-from qopt.loading.layer_runner import HiddenStore, LayerRunner, has_offloaded_layers, layer_hooks
 from tests.conftest import make_hf_model
 
 LAYERS = 4
@@ -127,12 +127,12 @@ def test_prefetch_reads_in_a_background_thread_and_gives_the_same_hidden_states(
     outputs = []
     for prefetch in (True, False, True):  # the second prefetched run reads the CPU layout the first one wrote
         streamer = LayerRunner(model, prefetch=prefetch)
-        states, masks = zip(*(streamer.embed(IDS[k:k + 64].reshape(2, 32)) for k in (0, 64)))
+        states, masks = zip(*(streamer.embed(IDS[k:k + 64].reshape(2, 32)) for k in (0, 64)), strict=True)
         states = list(states)
         streamer.run(states, masks)
         outputs.append(states)
         assert streamer.stats.passes == 1 and streamer.depth == (2 if prefetch else 0)
-    assert all(torch.equal(a, b) for run in outputs[1:] for a, b in zip(outputs[0], run))
+    assert all(torch.equal(a, b) for run in outputs[1:] for a, b in zip(outputs[0], run, strict=True))
     assert any(name.startswith("qopt-prefetch") for name in threads) and "MainThread" in threads
     ppl = {p: evaluate_ids(model, IDS, 32, progress=False, prefetch=p).nll for p in (True, False)}
     assert ppl[True] == ppl[False]
@@ -189,14 +189,14 @@ def test_generate_many_equals_one_by_one_and_reads_the_disk_once_per_step(checkp
     single_bytes = store.bytes_read
     store.bytes_read = 0
     many = qopt.generate_many(model, prompts, batch_size=3, max_new_tokens=10, eos_token_id=end)
-    assert all(torch.equal(a, b) for a, b in zip(one_by_one, many)), (one_by_one, many)
+    assert all(torch.equal(a, b) for a, b in zip(one_by_one, many, strict=True)), (one_by_one, many)
     assert len(many[0]) <= len(prompts[0]) + 4 and int(many[0][-1]) == end  # stopped at its end token
-    assert any(len(out) == len(p) + 10 for p, out in zip(prompts, many))
+    assert any(len(out) == len(p) + 10 for p, out in zip(prompts, many, strict=True))
     offloaded = sum(store.nbytes(k) for k in offloaded_keys(model))
     assert store.bytes_read <= 10 * offloaded < single_bytes / 4  # at most one read per decode step
     in_memory = load(checkpoint, tmp_path, device_map=None)
-    assert all(torch.equal(a, b) for a, b in zip(qopt.generate_many(in_memory, prompts, batch_size=2,
-                                                                       max_new_tokens=10, eos_token_id=end), many))
+    again = qopt.generate_many(in_memory, prompts, batch_size=2, max_new_tokens=10, eos_token_id=end)
+    assert all(torch.equal(a, b) for a, b in zip(again, many, strict=True))
 
 
 def test_generate_many_samples_reproducibly_and_refuses_beam_search(checkpoint, tmp_path):
@@ -204,7 +204,7 @@ def test_generate_many_samples_reproducibly_and_refuses_beam_search(checkpoint, 
     prompts = prompt_list(4)
     runs = [qopt.generate_many(model, prompts, batch_size=2, max_new_tokens=6, do_sample=True, seed=3, top_k=5,
                                eos_token_id=[]) for _ in range(2)]
-    assert all(torch.equal(a, b) and len(a) == len(p) + 6 for a, b, p in zip(*runs, prompts))
+    assert all(torch.equal(a, b) and len(a) == len(p) + 6 for a, b, p in zip(*runs, prompts, strict=True))
     with pytest.raises(GenerationError, match="beam search"):
         qopt.generate_many(model, prompts, num_beams=2)
     with pytest.raises(GenerationError, match="prompt 1 has no tokens"):

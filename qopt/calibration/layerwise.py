@@ -338,13 +338,13 @@ def _calibrate_layer(layer: nn.Module, prefix: str, hidden: torch.Tensor, mask: 
         # the last group's hook ends the forward there, since nothing after it is needed yet
         accumulators = [HessianAccumulator(layer.get_submodule(g[0]).in_features, hidden.device) for g in stage]
         handles = [layer.get_submodule(g[0]).register_forward_pre_hook(acc.pre_hook(stop=k == len(stage) - 1))
-                   for k, (g, acc) in enumerate(zip(stage, accumulators))]
+                   for k, (g, acc) in enumerate(zip(stage, accumulators, strict=True))]
         try:
             _run_layer(layer, hidden, mask, config.windows_per_batch(hidden.shape[1]))
         finally:
             for handle in handles:
                 handle.remove()
-        for group, acc in zip(stage, accumulators):
+        for group, acc in zip(stage, accumulators, strict=True):
             for name in group:
                 rounded[name] = _round_linear(layer.get_submodule(name), prefix + name, acc.hessian, config, report)
     return rounded

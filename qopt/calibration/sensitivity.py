@@ -30,8 +30,19 @@ from ..model.network import LAYER_PREFIX, OPTForCausalLM, build_attention_mask
 from ..place.sizes import meta_model, quantized_weight_bytes, sizing_view
 from ..quant.config import QuantizationConfig
 from ..utils import format_bytes, parse_size
-from .layerwise import (SEQUENTIAL_GROUPS, CalibrationConfig, _layer0_inputs, _materialize, _release_memory,
-                        _run_layer, _skeleton, calibration_windows, grid_for_bits, mixed_precision, rtn_dequantized)
+from .layerwise import (
+    SEQUENTIAL_GROUPS,
+    CalibrationConfig,
+    _layer0_inputs,
+    _materialize,
+    _release_memory,
+    _run_layer,
+    _skeleton,
+    calibration_windows,
+    grid_for_bits,
+    mixed_precision,
+    rtn_dequantized,
+)
 
 METRICS = ("kl", "output", "layer")
 DEFAULT_SENSITIVITY_WINDOWS = 16  # ranks the same on other 16 windows (docs/design.md); calibration takes 128
@@ -106,7 +117,7 @@ def _float_states(model: OPTForCausalLM, windows: torch.Tensor, batch: int) -> l
     decoder = model.model.decoder
     batches = [decoder(input_ids=chunk, use_cache=False, output_hidden_states=True).hidden_states
                for chunk in windows.split(batch)]
-    return [torch.cat([h.float() for h in parts]) for parts in zip(*batches)]
+    return [torch.cat([h.float() for h in parts]) for parts in zip(*batches, strict=True)]
 
 
 def _run_from(decoder: nn.Module, hidden: torch.Tensor, index: int, batch: int) -> torch.Tensor:

@@ -21,10 +21,10 @@ def add(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import CheckpointError
     from ..compat.adapters import check_adapter_folder
-    from ..io.checkpoint import ADAPTER_CONFIG
     from ..compat.models import check_model_folder
+    from ..errors import CheckpointError
+    from ..io.checkpoint import ADAPTER_CONFIG
 
     folder = Path(args.folder)
     if not folder.is_dir():

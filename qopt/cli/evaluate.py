@@ -4,8 +4,17 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .common import (DEFAULT_MODEL_HELP, add_parser, add_placement, generation_budget, model_path, placement,
-                     show_bars, start_load, writable_file)
+from .common import (
+    DEFAULT_MODEL_HELP,
+    add_parser,
+    add_placement,
+    generation_budget,
+    model_path,
+    placement,
+    show_bars,
+    start_load,
+    writable_file,
+)
 
 API_FLAGS = {"max_windows": "--windows"}  # library argument -> this command's flag, in error messages
 _TOLERANCE_FLAGS = ("tolerance", "kl_tolerance", "kl_floor", "top1_tolerance", "no_digest")

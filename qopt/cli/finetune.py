@@ -3,10 +3,20 @@ from __future__ import annotations
 
 import argparse
 
-from .common import (DEFAULT_MODEL_HELP, add_checkpointing, add_output, add_parser, add_placement, add_precision,
-                     checkpointing, model_path, placement, preset, start_load,
-                     writable_file)
-
+from .common import (
+    DEFAULT_MODEL_HELP,
+    add_checkpointing,
+    add_output,
+    add_parser,
+    add_placement,
+    add_precision,
+    checkpointing,
+    model_path,
+    placement,
+    preset,
+    start_load,
+    writable_file,
+)
 
 # library argument -> this command's flag, in error messages
 API_FLAGS = {"resume=False": "--no-resume", "max_steps": "--steps", "block_size": "--block-size",

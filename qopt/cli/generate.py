@@ -4,10 +4,23 @@ from __future__ import annotations
 
 import argparse
 
-from .common import (DEFAULT_MODEL_HELP, add_hub, add_parser, add_placement, add_precision, check_positions,
-                     end_load, generation_budget, hub_options, local_folder, model_path, placement, preset, show_bars,
-                     start_load)
-
+from .common import (
+    DEFAULT_MODEL_HELP,
+    add_hub,
+    add_parser,
+    add_placement,
+    add_precision,
+    check_positions,
+    end_load,
+    generation_budget,
+    hub_options,
+    local_folder,
+    model_path,
+    placement,
+    preset,
+    show_bars,
+    start_load,
+)
 
 API_FLAGS = {"max_new_tokens": "--max-new-tokens", "num_beams": "--num-beams"}  # library argument -> this flag
 

@@ -8,8 +8,18 @@ import sys
 import time
 from pathlib import Path
 
-from .common import (check_positions, end_load, generation_budget, local_folder, model_path, placement, preset,
-                     show_bars, start_load, writable_file)
+from .common import (
+    check_positions,
+    end_load,
+    generation_budget,
+    local_folder,
+    model_path,
+    placement,
+    preset,
+    show_bars,
+    start_load,
+    writable_file,
+)
 
 
 def read_prompts(path: str) -> list[str]:
@@ -73,7 +83,7 @@ def run_many(args: argparse.Namespace) -> int:
                                  **{k: v for k, v in options.items() if v is not None})
     seconds = time.perf_counter() - began
     lines = [json.dumps({"prompt": prompt, "completion": tokenizer.decode(out[len(row):], skip_special_tokens=True)},
-                        ensure_ascii=False) for prompt, row, out in zip(prompts, ids, outputs)]
+                        ensure_ascii=False) for prompt, row, out in zip(prompts, ids, outputs, strict=True)]
     if args.output:
         tmp = f"{args.output}.tmp-{os.getpid()}"
         with open(tmp, "w", encoding="utf-8") as file:
@@ -81,7 +91,7 @@ def run_many(args: argparse.Namespace) -> int:
         os.replace(tmp, args.output)  # a complete file or none
     else:
         print("\n".join(lines))
-    new = sum(len(out) - len(row) for row, out in zip(ids, outputs))
+    new = sum(len(out) - len(row) for row, out in zip(ids, outputs, strict=True))
     print(f"{len(prompts)} prompts, {new:,} new tokens in {seconds:.1f} s ({new / max(seconds, 1e-9):.1f} tokens/s)",
           file=sys.stderr)
     return 0

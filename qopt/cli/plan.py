@@ -62,8 +62,8 @@ def add(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.finetune:
         return run_finetune(args)
-    from ..place.device_map import normalize_max_memory
     from ..io.hub import is_hub_id, resolve_model
+    from ..place.device_map import normalize_max_memory
     from ..place.plan import plan
 
     if "/" in args.model and is_hub_id(args.model):  # org/name: from the cache or the Hub, metadata only

@@ -3,9 +3,18 @@ from __future__ import annotations
 
 import argparse
 
-from .common import (DEFAULT_MODEL_HELP, add_hub, add_output, add_parser, add_precision, hub_options, model_path,
-                     preset, start_load, writable_file)
-
+from .common import (
+    DEFAULT_MODEL_HELP,
+    add_hub,
+    add_output,
+    add_parser,
+    add_precision,
+    hub_options,
+    model_path,
+    preset,
+    start_load,
+    writable_file,
+)
 
 API_FLAGS = {"overwrite=True": "--force"}  # library argument -> this command's flag, in error messages
 

@@ -12,9 +12,16 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
-from ..io.checkpoint import (ADAPTER_BIN, ADAPTER_CONFIG, ADAPTER_WEIGHTS, BIN_WEIGHTS, SAFE_INDEX, SAFE_WEIGHTS,
-                             read_safetensors_header)
 from ..finetuning.adapters import PEFT_PREFIX
+from ..io.checkpoint import (
+    ADAPTER_BIN,
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    BIN_WEIGHTS,
+    SAFE_INDEX,
+    SAFE_WEIGHTS,
+    read_safetensors_header,
+)
 from ..model.config import CONFIG_NAME
 from .models import CheckReport, Finding
 

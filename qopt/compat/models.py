@@ -27,8 +27,16 @@ import torch
 from torch import nn
 
 from ..errors import QoptError
-from ..io.checkpoint import (ADAPTER_BIN, ADAPTER_CONFIG, ADAPTER_WEIGHTS, SAFE_INDEX, SAFE_WEIGHTS, TensorInfo,
-                             inspect_checkpoint, normalize_key)
+from ..io.checkpoint import (
+    ADAPTER_BIN,
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    SAFE_INDEX,
+    SAFE_WEIGHTS,
+    TensorInfo,
+    inspect_checkpoint,
+    normalize_key,
+)
 from ..model.config import CONFIG_NAME, OPTConfig
 from ..model.network import decoder_layer_index
 from ..place.sizes import meta_model

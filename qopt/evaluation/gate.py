@@ -84,7 +84,7 @@ class Limits:
                 "top1_points": self.top1, "digests": list(self.digests)}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], base: "Limits | None" = None) -> "Limits":
+    def from_dict(cls, data: Mapping[str, Any], base: Limits | None = None) -> Limits:
         """Fields given in `data` over `base` (a baseline's per-precision entry may name only some)."""
         names = {"ppl_relative": "ppl", "kl_relative": "kl", "kl_floor": "kl_floor", "top1_points": "top1",
                  "digests": "digests"}
@@ -124,7 +124,7 @@ class Tolerance:
     def limits(self, precision: str) -> Limits:
         return self.precisions.get(precision, self.default)
 
-    def override(self, **given: Any) -> "Tolerance":
+    def override(self, **given: Any) -> Tolerance:
         """The same tolerance with the fields in `given` (ppl, kl, kl_floor, top1, digests; None = keep) set for
         every precision, as the command line's --tolerance / --kl-tolerance / ... do."""
         unknown = set(given) - set(LIMIT_OVERRIDES)
@@ -138,7 +138,7 @@ class Tolerance:
                          self.max_gap_ratio)
 
     @classmethod
-    def coerce(cls, value: "Tolerance | Limits | float") -> "Tolerance":
+    def coerce(cls, value: Tolerance | Limits | float) -> Tolerance:
         """A Tolerance as given; Limits for every precision; a bare number as the perplexity tolerance."""
         if isinstance(value, cls):
             return value
@@ -153,7 +153,7 @@ class Tolerance:
         return data
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Tolerance":
+    def from_dict(cls, data: Mapping[str, Any]) -> Tolerance:
         default = Limits.from_dict(data.get("default", {}))
         precisions = {p: Limits.from_dict(v, default) for p, v in data.get("precisions", {}).items()}
         ratio = data.get("max_gap_ratio")

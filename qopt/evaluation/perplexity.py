@@ -165,7 +165,7 @@ class _Totals:
             self.count += target.shape[0]
 
     def result(self, windows: int, seconds: float, total_tokens: int, seqlen: int, stride: int | None,
-               compared: bool, **extra: Any) -> "PerplexityResult":
+               compared: bool, **extra: Any) -> PerplexityResult:
         """The means, once, as the result both the window-major and the layer-major loops return."""
         nll = self.nll / self.count
         return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=self.count, windows=windows, seconds=seconds,
@@ -234,7 +234,7 @@ def evaluate_ids(model: Any, ids: torch.Tensor, seqlen: int | None = None, strid
             return evaluate_streamed(model, ids, windows, seqlen, stride, reference, progress, desc,
                                      **stream_options)
         finally:
-            for m, mode in zip(models, was_training):
+            for m, mode in zip(models, was_training, strict=True):
                 if hasattr(m, "train"):
                     m.train(mode)
     forward, ref_forward = _forward_fn(model), _forward_fn(reference) if reference is not None else None
@@ -258,7 +258,7 @@ def evaluate_ids(model: Any, ids: torch.Tensor, seqlen: int | None = None, strid
                 bar.set_postfix(ppl=f"{math.exp(totals.nll / totals.count):.3f}", refresh=False)
     finally:
         bar.close()
-        for m, mode in zip(models, was_training):
+        for m, mode in zip(models, was_training, strict=True):
             if hasattr(m, "train"):
                 m.train(mode)
     return totals.result(len(windows), seconds, int(ids.numel()), seqlen, stride, reference is not None)

@@ -73,7 +73,7 @@ class ComparisonReport:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ComparisonReport":
+    def from_dict(cls, data: dict[str, Any]) -> ComparisonReport:
         return cls(model=data["model"], settings=dict(data["settings"]), total_tokens=data["data"]["total_tokens"],
                    windows=data["data"]["windows"], tokens=data["data"]["scored_tokens"],
                    rows=[PrecisionRow(**r) for r in data["rows"]], environment=dict(data.get("environment", {})))

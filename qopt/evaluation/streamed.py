@@ -16,9 +16,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..loading.layer_runner import (
+    DEFAULT_HIDDEN_BUDGET,
+    DEFAULT_PREFETCH_DEPTH,
+    HiddenStore,
+    LayerRunner,
+    has_offloaded_layers,
+)
 from ..model.network import input_device
-from ..loading.layer_runner import DEFAULT_HIDDEN_BUDGET, DEFAULT_PREFETCH_DEPTH, HiddenStore, LayerRunner, \
-    has_offloaded_layers
 from .perplexity import PerplexityResult, Window, _forward_fn, _Totals
 
 

@@ -10,10 +10,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from ..io.atomic import atomic_write_text
+from .gate import DIGESTS, Baseline, Limits, Measurement, Tolerance
 from .report import ComparisonReport
-from .gate import Baseline, DIGESTS, Limits, Measurement, Tolerance
 
 
 # -- the verdict ---------------------------------------------------------------------------------------------
@@ -83,7 +82,8 @@ class Verdict:
         data: dict[str, Any] = {"baseline": self.baseline, "passed": self.passed, "exit_code": 0 if self.passed else 1,
                                 "failures": len(self.failures),
                                 "checks": [{**asdict(c), "cells": dict(zip(("baseline", "now", "change", "allowed"),
-                                                                           c.cells))} for c in self.checks],
+                                                                           c.cells, strict=True))}
+                                           for c in self.checks],
                                 "unchecked": list(self.unchecked)}
         if measured is not None:
             data["measured"] = measured.to_dict()

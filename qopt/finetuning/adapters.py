@@ -18,11 +18,30 @@ from torch import nn
 
 from ..errors import AdapterError
 from ..io.atomic import atomic_write_text, publish_folder, staging_folder
-from ..io.checkpoint import (ADAPTER_BIN, ADAPTER_CONFIG, ADAPTER_WEIGHTS, BIN_INDEX, BIN_WEIGHTS, SAFE_INDEX,
-                             SAFE_WEIGHTS, write_safetensors_shards)
+from ..io.checkpoint import (
+    ADAPTER_BIN,
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    BIN_INDEX,
+    BIN_WEIGHTS,
+    SAFE_INDEX,
+    SAFE_WEIGHTS,
+    write_safetensors_shards,
+)
 from ..io.hub import is_hub_id, model_name
-from .lora import (ALL_LINEAR, LoraConfig, ModulesToSave, adapter_biases, adapter_set, add_lora, bias_parameters,
-                   delete_adapter, lora_layers, set_adapter_biases, task_type_of)
+from .lora import (
+    ALL_LINEAR,
+    LoraConfig,
+    ModulesToSave,
+    adapter_biases,
+    adapter_set,
+    add_lora,
+    bias_parameters,
+    delete_adapter,
+    lora_layers,
+    set_adapter_biases,
+    task_type_of,
+)
 
 logger = logging.getLogger(__name__)
 PEFT_PREFIX = "base_model.model."

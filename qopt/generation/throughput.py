@@ -19,8 +19,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import GenerationError
-from ..model.network import input_device
 from ..loading.layer_runner import DEFAULT_PREFETCH_DEPTH, LayerRunner
+from ..model.network import input_device
 from .decoding import DecodeState, GenerationConfig, _as_list, _check_prompt, _new_token_count, _Rows, process_scores
 from .lean_forwards import decode_fast_paths
 
@@ -124,7 +124,7 @@ def generate_many(model: nn.Module, prompts: Sequence[Sequence[int] | torch.Tens
                 embedded = [_inputs(streamer, b) for b in active]
                 hidden = [h for h, _ in embedded]
                 streamer.run(hidden, [m for _, m in embedded], [b.state.cache for b in active])
-                for batch, states in zip(active, hidden):
+                for batch, states in zip(active, hidden, strict=True):
                     bar.update(int(batch.rows.unfinished.sum()))
                     _step(model, streamer, batch, states, config, generator)
     finally:
@@ -156,7 +156,7 @@ def _collect(batches: list[_MicroBatch], count: int, eos: list[int]) -> list[tor
     ends = torch.tensor(eos, dtype=torch.long) if eos else None
     for batch in batches:
         width = batch.state.width
-        for row, (index, length) in enumerate(zip(batch.order, batch.lengths)):
+        for row, (index, length) in enumerate(zip(batch.order, batch.lengths, strict=True)):
             new = batch.sequences[row, width:batch.length].cpu()
             if ends is not None:
                 hit = torch.isin(new, ends).nonzero()

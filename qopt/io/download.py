@@ -19,10 +19,11 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 from ..errors import DownloadError, HubError
 from ..utils import format_bytes
@@ -76,7 +77,7 @@ class ShardDownloader:
         self._cancel = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> "ShardDownloader":
+    def __enter__(self) -> ShardDownloader:
         if any(j.delete_after for j in self.jobs):
             self.scratch = Path(tempfile.mkdtemp(prefix="qopt-download-"))
             for job in self.jobs:

@@ -21,8 +21,16 @@ from typing import Any
 
 from ..errors import CheckpointError, ConfigError, HubAccessError, HubError, HubOfflineError
 from .atomic import atomic_write_text
-from .checkpoint import (AUXILIARY_FILES, CheckpointFiles, TensorInfo, inspect_checkpoint, parse_safetensors_header,
-                         read_index, read_safetensors_header, weights_layout)
+from .checkpoint import (
+    AUXILIARY_FILES,
+    CheckpointFiles,
+    TensorInfo,
+    inspect_checkpoint,
+    parse_safetensors_header,
+    read_index,
+    read_safetensors_header,
+    weights_layout,
+)
 
 logger = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
@@ -45,7 +53,7 @@ class HubSettings:
 
     @classmethod
     def from_env(cls, token: str | bool | None = None, cache_dir: str | os.PathLike | None = None,
-                 local_files_only: bool = False) -> "HubSettings":
+                 local_files_only: bool = False) -> HubSettings:
         env = os.environ
         home = Path(os.path.expandvars(env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or "~/.cache",
                                                                            "huggingface"))).expanduser()
@@ -376,7 +384,7 @@ def _range(source: ModelSource, remote: RemoteFile, start: int, end: int) -> byt
 
 def is_connection_error(err: BaseException) -> bool:
     """No HTTP answer came (refused, cut or timed out): an error of huggingface_hub's HTTP library that is not
-    an HTTP status, told apart through huggingface_hub's own `errors.HTTPError` (that library's base class), so
+    an HTTP status, told apart through `huggingface_hub.errors.HTTPError` (that library's base class), so
     qopt depends on no HTTP library by name."""
     from huggingface_hub.errors import HfHubHTTPError, HTTPError
 
@@ -387,8 +395,14 @@ def is_connection_error(err: BaseException) -> bool:
 def hub_error(err: BaseException, repo: str, revision: str | None, settings: HubSettings,
               file: str | None = None) -> Exception:
     """huggingface_hub's exception as one qopt line that names the repo and says what to do."""
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     status = getattr(getattr(err, "response", None), "status_code", None)
     auth = "pass token= or set HF_TOKEN" if not settings.token else "the token given has no access"

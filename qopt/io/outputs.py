@@ -17,7 +17,6 @@ from ..bundled import data_dir
 from ..errors import OutputError
 from .atomic import holds_model
 
-
 _STAGING_EXTRA = len("..tmp-") + 10  # what staging_folder adds to a name: dots, ".tmp-" and a pid
 
 

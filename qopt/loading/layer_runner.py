@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 from ..model.cache import KVCache
-from ..place.sizes import DEFAULT_PREFETCH_DEPTH
-from ..utils import format_bytes, parse_size
 from ..place.offload import RebuildOnForward, offloaded_tensors
 from ..place.offload_io import OffloadStore, Prefetcher, read_exact
+from ..place.sizes import DEFAULT_PREFETCH_DEPTH
+from ..utils import format_bytes, parse_size
 
 DEFAULT_HIDDEN_BUDGET = "2GiB"  # host memory for hidden states between layers before they spill to disk
 
@@ -125,7 +125,7 @@ class HiddenStore(MutableSequence):
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder = None
 
-    def __enter__(self) -> "HiddenStore":
+    def __enter__(self) -> HiddenStore:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -230,7 +230,7 @@ class _NoReads:
     def done(self, prefix: str) -> None:
         pass
 
-    def __enter__(self) -> "_NoReads":
+    def __enter__(self) -> _NoReads:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -28,15 +28,29 @@ from ..io.outputs import check_output_folder
 from ..model.config import OPTConfig
 from ..model.network import LAYER_PREFIX, OPTForCausalLM, OPTModel, OPTPreTrainedModel, decoder_layer_index
 from ..place.device_map import device_of, summarize
-from ..place.offload import OFFLOAD_KINDS, HostStore, OffloadFolder, attach_disk_hooks, attach_host_hooks, \
-    check_offloadable
+from ..place.offload import (
+    OFFLOAD_KINDS,
+    HostStore,
+    OffloadFolder,
+    attach_disk_hooks,
+    attach_host_hooks,
+    check_offloadable,
+)
 from ..place.placement import GenerationBudget, computes_on_cpu, place, resolve_dtype
 from ..place.plan import DeviceMap, MemoryPlan
 from ..place.ranks import check_one_device_per_rank
 from ..place.sizes import meta_model, placed_bytes
 from ..quant.config import QuantizationConfig
-from ..quant.modules import (Linear4bit, bits_of, is_quantized, owning_module, quantize_weight, saved_keys,
-                             saved_layout, set_quantized_state)
+from ..quant.modules import (
+    Linear4bit,
+    bits_of,
+    is_quantized,
+    owning_module,
+    quantize_weight,
+    saved_keys,
+    saved_layout,
+    set_quantized_state,
+)
 from ..utils import format_bytes
 from .saving import save_model
 

@@ -19,7 +19,7 @@ class KVCache:
         self.lengths = [0] * num_layers
 
     @classmethod
-    def from_legacy(cls, past: tuple[tuple[torch.Tensor, torch.Tensor], ...]) -> "KVCache":
+    def from_legacy(cls, past: tuple[tuple[torch.Tensor, torch.Tensor], ...]) -> KVCache:
         """Accept HF's tuple-of-(key, value) format, each (batch, heads, seq, head_dim)."""
         cache = cls(len(past))
         for layer, (k, v) in enumerate(past):

@@ -105,7 +105,7 @@ class OPTConfig:
 
     # -- HF config.json -------------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "OPTConfig":
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> OPTConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
         model_type = data.get("model_type", "opt")
@@ -147,7 +147,7 @@ class OPTConfig:
         return dict(sorted(data.items()))
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> "OPTConfig":
+    def from_pretrained(cls, path: str | os.PathLike) -> OPTConfig:
         """Read `config.json` from a checkpoint folder (or the file itself)."""
         path = Path(path)
         file = path / CONFIG_NAME if path.is_dir() else path

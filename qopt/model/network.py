@@ -17,8 +17,12 @@ from torch.utils.checkpoint import checkpoint
 from .cache import KVCache
 from .config import OPTConfig
 from .head_loss import frozen_head_loss
-from .outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast, QuestionAnsweringModelOutput,
-                      SequenceClassifierOutputWithPast)
+from .outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutputWithPast,
+)
 
 _ACT = {"relu": F.relu, "gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu,
         "swish": F.silu, "tanh": torch.tanh, "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x)}
@@ -236,7 +240,7 @@ class OPTPreTrainedModel(_PretrainedFacade, nn.Module):
     def tie_weights(self) -> None:
         """Heads that share the input embedding (OPT's lm_head) override this."""
 
-    def get_decoder(self) -> "OPTDecoder":
+    def get_decoder(self) -> OPTDecoder:
         return self.model.decoder if hasattr(self, "model") else self._modules["decoder"]
 
     @property

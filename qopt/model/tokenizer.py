@@ -46,7 +46,7 @@ class OPTTokenizer:
                                  f"'{self.eos_token}' / '{self.pad_token}' token")
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike | None = None) -> "OPTTokenizer":
+    def from_pretrained(cls, path: str | os.PathLike | None = None) -> OPTTokenizer:
         """Read `tokenizer.json`, or `vocab.json` + `merges.txt`, from a folder; None = the bundled files."""
         folder = bundled_tokenizer_dir() if path in (None, BUNDLED) else Path(path)
         if (folder / "tokenizer.json").exists():

@@ -48,7 +48,7 @@ class DownloadPlan:
         fresh = [0 if name in self.cached else n for name, n in self.shard_bytes.items()]
         if self.keep_download:
             return sum(fresh)
-        return max((a + b for a, b in zip(fresh, fresh[1:] + [0])), default=0)
+        return max((a + b for a, b in zip(fresh, fresh[1:] + [0], strict=True)), default=0)
 
     @property
     def quantize_buffer_bytes(self) -> int:

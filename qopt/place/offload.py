@@ -30,8 +30,15 @@ from torch import nn
 
 from ..errors import PlanError
 from ..model.network import is_decoder_layer
-from ..quant.modules import (CPU_PACKED_KEYS, cpu_layout_needs, cpu_packed_tensors, is_quantized, owning_module,
-                             set_cpu_packed_state, set_quantized_state)
+from ..quant.modules import (
+    CPU_PACKED_KEYS,
+    cpu_layout_needs,
+    cpu_packed_tensors,
+    is_quantized,
+    owning_module,
+    set_cpu_packed_state,
+    set_quantized_state,
+)
 from ..utils import format_bytes
 from .offload_io import OffloadStore, packed_key
 

@@ -152,13 +152,13 @@ class OffloadStore(Mapping[str, torch.Tensor]):
             buffer = torch.empty(sum(sizes), dtype=torch.uint8)
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
         jobs = [(key, info, buffer[offset:offset + size])
-                for key, info, offset, size in zip(keys, infos, offsets, sizes)]
+                for key, info, offset, size in zip(keys, infos, offsets, sizes, strict=True)]
         if self.read_threads > 1 and len(jobs) > 1 and sum(sizes) >= _PARALLEL_BYTES:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="qopt-read")
             largest_first = sorted(jobs, key=lambda job: -job[2].numel())
             done = dict(zip([job[0] for job in largest_first], self._pool.map(lambda job: self._read(*job),
-                                                                            largest_first)))
+                                                                            largest_first), strict=True))
             return {key: done[key] for key in keys}
         return {key: self._read(key, info, part) for key, info, part in jobs}
 
@@ -265,7 +265,7 @@ class Prefetcher:
             self.pool.shutdown(wait=True)
             self.pending.clear()
 
-    def __enter__(self) -> "Prefetcher":
+    def __enter__(self) -> Prefetcher:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -18,12 +18,18 @@ from torch import nn
 
 from ..model.config import OPTConfig
 from ..model.network import LAYER_PREFIX, is_decoder_layer
+from ..quant.modules import cpu_repacks
 from ..utils import FLOAT_DTYPES
 from .device_map import host_placement, infer_device_map, normalize_max_memory
+from .sizes import (
+    DEFAULT_PREFETCH_DEPTH,
+    DeviceMap,
+    activation_bytes,
+    kv_cache_bytes_per_layer,
+    packed_head_bytes,
+    sizing_view,
+)
 from .strategies import STRATEGIES
-from ..quant.modules import cpu_repacks
-from .sizes import (DEFAULT_PREFETCH_DEPTH, DeviceMap, activation_bytes, kv_cache_bytes_per_layer, packed_head_bytes,
-                    sizing_view)
 
 DEFAULT_CONTEXT = 2048  # OPT's max_position_embeddings; smaller models are capped at their own
 

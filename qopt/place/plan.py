@@ -19,7 +19,7 @@ from ..bundled import data_dir
 from ..errors import ConfigError
 from ..io.hub import ModelSource, is_hub_id, resolve_model
 from ..model.config import OPTConfig
-from ..model.network import LAYER_PREFIX, decoder_layer_index, is_decoder_layer
+from ..model.network import decoder_layer_index, is_decoder_layer
 from ..quant.config import QuantizationConfig
 from ..quant.modules import is_quantized
 from ..utils import format_bytes

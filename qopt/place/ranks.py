@@ -14,7 +14,6 @@ from ..errors import PlanError
 from .strategies import STRATEGIES
 
 
-
 def world_size() -> int:
     """Processes in this job: an initialized torch.distributed group, else WORLD_SIZE (set by torchrun and
     accelerate launch before any group exists), else 1."""

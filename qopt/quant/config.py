@@ -89,7 +89,7 @@ class QuantizationConfig:
         return "+".join([self.name, *others]) + " mixed" if others else self.name
 
     @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> "QuantizationConfig":
+    def from_name(cls, name: str, **overrides: Any) -> QuantizationConfig:
         """"int8" | "nf4" | "fp4" | "nf4-dq" | "fp4-dq" (dq = double quantization of the absmax)."""
         key = str(name).lower()
         if key not in PRESETS:
@@ -98,7 +98,7 @@ class QuantizationConfig:
 
     @classmethod
     def from_bits(cls, bits: int, quant_type: str = "nf4", double_quant: bool = False,
-                  compute_dtype: torch.dtype = torch.bfloat16) -> "QuantizationConfig | None":
+                  compute_dtype: torch.dtype = torch.bfloat16) -> QuantizationConfig | None:
         """The config of a width as the planners and CLI flags give it (4: `quant_type`, 8: int8); None for 16
         (nothing quantized)."""
         if bits not in (4, 8, 16):
@@ -140,7 +140,7 @@ class QuantizationConfig:
         return sorted(skip)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: str = "quantization_config") -> "QuantizationConfig":
+    def from_dict(cls, data: Mapping[str, Any], source: str = "quantization_config") -> QuantizationConfig:
         if not isinstance(data, Mapping):
             raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
         method = data.get("quant_method", "bitsandbytes")
@@ -156,7 +156,7 @@ class QuantizationConfig:
             raise ConfigError(str(err).replace("quantization_config", source, 1)) from None
 
     @classmethod
-    def coerce(cls, value: "str | Mapping[str, Any] | QuantizationConfig | Any") -> "QuantizationConfig":
+    def coerce(cls, value: str | Mapping[str, Any] | QuantizationConfig | Any) -> QuantizationConfig:
         """A preset name, a dict, our config, or any object with BitsAndBytesConfig's `to_dict()`."""
         if isinstance(value, cls):
             return value

@@ -7,7 +7,7 @@ checks, the memory plan) reads these facts from here, so a format change has one
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 import torch
 from bitsandbytes import functional as bnbf
@@ -20,7 +20,7 @@ QUANT_TYPES_4BIT = ("nf4", "fp4")
 INT8_ROW_FORMAT = 0  # `weight_format` value of LLM.int8's row-wise layout, the only one bitsandbytes still writes
 
 
-@lru_cache(maxsize=None)
+@cache
 def rounding_tables(quant_type: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(code values ascending, midpoint bounds between them, stored index of each sorted value).
 

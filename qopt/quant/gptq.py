@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 from bitsandbytes import functional as bnbf
@@ -99,7 +99,7 @@ def double_quantized_absmax(absmax: torch.Tensor) -> torch.Tensor:
     return restored.float().reshape(absmax.shape)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _tables(quant_type: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`rounding_tables` on the device the rounding runs on (GPTQ runs where its weight is)."""
     return tuple(t.to(device) for t in rounding_tables(quant_type))  # type: ignore[return-value]

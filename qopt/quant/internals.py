@@ -16,7 +16,7 @@ import ctypes as ct
 import logging
 import re
 from collections.abc import Callable
-from functools import lru_cache
+from functools import cache
 
 import bitsandbytes as bnb
 import torch
@@ -40,7 +40,8 @@ def untested(bitsandbytes_version: str, torch_version: str) -> str | None:
                                        ("torch", torch_version, TESTED_TORCH)):
         minor = minor_version(version)
         if minor is None or not low <= minor <= high:
-            return f"{name} {version} is outside the range qopt was tested on ({low[0]}.{low[1]} to {high[0]}.{high[1]}.x)"
+            return (f"{name} {version} is outside the range qopt was tested on "
+                    f"({low[0]}.{low[1]} to {high[0]}.{high[1]}.x)")
     return None
 
 
@@ -105,7 +106,7 @@ _GEMV_ARGS = (ct.c_int64, ct.c_int64, ct.c_int64, ct.c_void_p, ct.c_void_p, ct.c
 Gemv = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], None]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _typed_kernel(name: str) -> Callable[..., None]:
     """bitsandbytes' C function behind a typed prototype: plain ints go in without building ctypes objects."""
     from bitsandbytes.cextension import lib

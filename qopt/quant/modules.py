@@ -85,12 +85,12 @@ class Linear4bit(bnb.nn.Linear4bit):
         self.weight.data, self.weight.quant_state = weight, self._statistics
         self.quant_state, self._statistics = self._statistics, None
 
-    def train(self, mode: bool = True) -> "Linear4bit":
+    def train(self, mode: bool = True) -> Linear4bit:
         if mode:
             self.restore_standard_layout()
         return super().train(mode)
 
-    def _apply(self, fn: Any, recurse: bool = True) -> "Linear4bit":
+    def _apply(self, fn: Any, recurse: bool = True) -> Linear4bit:
         self.restore_standard_layout()  # a packed weight moved to another device would be read wrongly there
         return super()._apply(fn, recurse)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
+from functools import cache
 
 import torch
 from bitsandbytes.functional import QuantState, get_4bit_type, int8_vectorwise_quant
@@ -24,7 +24,7 @@ from .formats import BLOCKSIZE, double_quantize, rounding_tables
 CHUNK = 1 << 17  # elements per step: float32 temporaries of 512 KiB stay in L2; op overheads amortized
 
 
-@lru_cache(maxsize=None)
+@cache
 def _tables(quant_type: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per 16-bit cell of the float32 pattern: the bucket of its lowest value and the one bound inside it."""
     _, bounds, order = rounding_tables(quant_type)
