@@ -163,6 +163,8 @@ class ShardLayout:
             header = struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0x0808, 0, 0, 0x21, 0, 0, 0, len(encoded),
                                  4 + pad) + encoded + b"FB" + struct.pack("<H", pad) + b"Z" * pad
             size = payload if isinstance(payload, int) else len(payload)
+            if size >= 0xFFFFFFFF:  # records this large would need zip64 sizes; no OPT tensor comes near
+                raise ValueError(f"{record}: {size} bytes, records must stay under 4 GiB")
             self.entries.append((encoded, position, size, None if isinstance(payload, int) else payload))
             self._add(_Segment(position, len(header), header))
             position += len(header)
