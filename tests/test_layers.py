@@ -1,10 +1,12 @@
 """The package's shape: imports flow one way along the pipeline, so it cannot silently decay.
 
 Every module's imports are read with `ast`, function-level ones included (a lazy import is still a dependency),
-and each qopt-internal import is checked against the declared layer order below: a module may import from its
-own layer and the layers under it, never from a later stage. The only exception is the network's Hugging Face
-facade (`from_pretrained`, `save_pretrained`, `generate`), which reaches up to the loader, the saver and the
-decoder lazily, in one marked place.
+and each qopt-internal import is checked against the declared layers below, a DAG: the core is a chain (files,
+network, formats, placement, the loader); the features (generation, fine-tuning, calibration) stand side by side
+on the core, none importing another; evaluation measures and judges them, the CLI composes everything. A module
+may import from its own package and the layers under it, never from a later stage or a sibling feature. The only
+exception is the network's Hugging Face facade (`from_pretrained`, `save_pretrained`, `generate`), which reaches
+up to the loader, the saver and the decoder lazily, in one marked place.
 """
 import ast
 import subprocess
@@ -17,6 +19,7 @@ import pytest
 import qopt
 
 # Bottom to top, as data flows through a load; the README's Layout table and docs/design.md describe each.
+# Packages in one tuple share a rank; SIBLINGS share it without seeing each other.
 LAYERS = (
     ("errors", "utils", "bundled"),
     ("io",),
@@ -24,13 +27,12 @@ LAYERS = (
     ("quant",),
     ("place",),
     ("loading",),
-    ("generation",),
-    ("finetuning",),
-    ("calibration",),
+    ("generation", "finetuning", "calibration"),
     ("evaluation",),
     ("cli",),
     ("__init__", "__main__"),
 )
+SIBLINGS = frozenset({"generation", "finetuning", "calibration"})
 FACADE = {("qopt.model.network", "qopt.loading.loader"), ("qopt.model.network", "qopt.loading.saving"),
           ("qopt.model.network", "qopt.generation.decoding")}
 
@@ -79,7 +81,12 @@ def imported_modules(path: Path, root: Path) -> list[tuple[int, str]]:
     return found
 
 
-def layering_violations(root: Path, layers=LAYERS, allowed=frozenset()) -> list[str]:
+def package_of(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def layering_violations(root: Path, layers=LAYERS, allowed=frozenset(), siblings=SIBLINGS) -> list[str]:
     problems = []
     for path in sorted(root.rglob("*.py")):
         if "data" in path.relative_to(root).parts[:1]:
@@ -93,6 +100,10 @@ def layering_violations(root: Path, layers=LAYERS, allowed=frozenset()) -> list[
                 continue
             if layer_of(target, layers) > own:
                 problems.append(f"{path.relative_to(root.parent)}:{line}: {name} imports {target}, a later stage")
+            elif package_of(name) in siblings and package_of(target) in siblings and \
+                    package_of(name) != package_of(target):
+                problems.append(f"{path.relative_to(root.parent)}:{line}: {name} imports {target}, a sibling "
+                                f"feature (features stand on the core alone)")
     return problems
 
 
@@ -121,6 +132,20 @@ def test_the_checker_catches_an_upward_import(tmp_path):
     assert len(problems) == 1 and "pkg.model.network imports pkg.loading.loader" in problems[0]
     # the same import declared as the facade passes, and a downward import never fails
     assert layering_violations(root, layers, allowed={("pkg.model.network", "pkg.loading.loader")}) == []
+
+
+def test_the_checker_catches_an_edge_between_sibling_features(tmp_path):
+    root = tmp_path / "pkg"
+    for folder in ("model", "generation", "finetuning"):
+        (root / folder).mkdir(parents=True)
+        (root / folder / "__init__.py").write_text("")
+    (root / "__init__.py").write_text("")
+    (root / "model" / "network.py").write_text("X = 1\n")
+    (root / "generation" / "decoding.py").write_text("from ..model.network import X\n")
+    (root / "finetuning" / "trainer.py").write_text("from ..model import network\nfrom ..generation import decoding\n")
+    layers = (("model",), ("generation", "finetuning"), ("__init__",))
+    problems = layering_violations(root, layers, siblings=frozenset({"generation", "finetuning"}))
+    assert len(problems) == 1 and "pkg.finetuning.trainer imports pkg.generation.decoding, a sibling" in problems[0]
 
 
 def test_importing_the_network_does_not_import_bitsandbytes_or_later_stages():

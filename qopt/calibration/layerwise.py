@@ -195,32 +195,17 @@ def _skeleton(path: Path, dtype: torch.dtype) -> tuple[OPTForCausalLM, _LayerRea
 
 
 # -- the layer-by-layer driver --------------------------------------------------------------------------------
-class _Catcher(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.hidden: list[torch.Tensor] = []
-        self.mask: torch.Tensor | None = None
-
-    def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor, *args, **kwargs):
-        self.hidden.append(hidden_states.detach().float())
-        self.mask = mask[:1]
-        raise StopForward
-
-
 def _layer0_inputs(model: OPTForCausalLM, windows: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the first decoder layer reads for every window (float32) and the causal mask of one window:
+    `OPTDecoder.embed`, the same stage `forward` and the layer-major runners start with."""
     decoder = model.model.decoder
-    first = decoder.layers[0]
-    catcher = _Catcher()
-    decoder.layers[0] = catcher
-    try:
+    hidden, mask = [], None
+    with torch.no_grad():
         for chunk in windows.split(batch):
-            try:
-                decoder(input_ids=chunk.to(decoder.embed_tokens.weight.device), use_cache=False)
-            except StopForward:
-                pass
-    finally:
-        decoder.layers[0] = first
-    return torch.cat(catcher.hidden), catcher.mask
+            states, mask = decoder.embed(decoder.embed_tokens(chunk.to(decoder.embed_tokens.weight.device)), None, 0,
+                                         None)
+            hidden.append(states.float())
+    return torch.cat(hidden), mask[:1]
 
 
 def _run_layer(layer: nn.Module, inputs: torch.Tensor, mask: torch.Tensor, batch: int,

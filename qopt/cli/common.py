@@ -83,6 +83,10 @@ def add_placement(parser: argparse.ArgumentParser, dtype: bool = True, dtype_def
         g.add_argument("--stream-from-host", action="store_true",
                        help="decoder layers the map puts on the CPU stay in its RAM but run on the GPU, copied over "
                             "layer by layer (an auto map on a machine with a GPU)")
+    g.add_argument("--context", type=int, metavar="N",
+                   help="tokens per sequence an auto / balanced / sequential map keeps room for (KV cache, "
+                        "activations), as qopt plan counts them; default: what the command needs (generate: prompt "
+                        "+ new tokens; eval: the window length)")
     if not dtype:  # the command picks the dtype itself (eval: each precision's)
         parser.set_defaults(dtype="auto")
         return
@@ -111,6 +115,19 @@ def parse_max_memory(items: list[str] | None) -> dict[int | str, int] | None:
         except ValueError as err:
             raise ValueError(f"--max-memory {item!r}: {err}") from None
     return memory
+
+
+def generation_budget(args: argparse.Namespace, where: dict[str, Any], model: str, context: int,
+                      batch: int = 1) -> dict[str, int]:
+    """`qopt.load`'s `context` / `batch` for a planned map (`where`: from `placement`): --context, else what the
+    command needs, capped at the model's positions; nothing for a single device, which plans nothing."""
+    if where["device_map"] not in DEVICE_MAPS[:4]:
+        return {}
+    if args.context is not None:
+        return {"context": args.context, "batch": batch}
+    from ..place.plan import config_for
+
+    return {"context": min(context, config_for(model)[0].max_position_embeddings), "batch": batch}
 
 
 def placement(args: argparse.Namespace) -> dict[str, Any]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .common import DEFAULT_MODEL_HELP, add_parser, add_placement, model_path, placement, writable_file
+from .common import (DEFAULT_MODEL_HELP, add_parser, add_placement, generation_budget, model_path, placement,
+                     writable_file)
 
 API_FLAGS = {"max_windows": "--windows"}  # library argument -> this command's flag, in error messages
 _TOLERANCE_FLAGS = ("tolerance", "kl_tolerance", "kl_floor", "top1_tolerance", "no_digest")
@@ -66,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
     where = placement(args)
     options = {"placement": {k: v for k, v in where.items() if k != "torch_dtype"},
                "adapter": args.adapter}
+    if args.check:  # the window length is the baseline's: only an explicit --context is reserved
+        options["placement"].update(generation_budget(args, where, "", 0) if args.context else {})
+    else:  # one window at a time, of --seqlen tokens (default: the model's positions)
+        options["placement"].update(generation_budget(args, where, model_path(args.model), args.seqlen or 1 << 30))
     overrides = _tolerance_overrides(args)
     if args.check:
         given = [f"--{k.replace('_', '-')}" for k in ("compare", "bits", "quant_type", "double_quant", "seqlen",

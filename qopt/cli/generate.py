@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import (DEFAULT_MODEL_HELP, add_hub, add_parser, add_placement, add_precision, hub_options, model_path,
-                     placement, preset)
+from .common import (DEFAULT_MODEL_HELP, add_hub, add_parser, add_placement, add_precision, generation_budget,
+                     hub_options, model_path, placement, preset)
 
 
 API_FLAGS = {"max_new_tokens": "--max-new-tokens", "num_beams": "--num-beams"}  # library argument -> this flag
@@ -57,10 +57,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"expected [MODEL] PROMPT, got {len(args.words)} arguments; quote the prompt")
     path = model_path(args.words[0] if len(args.words) == 2 else None)
     quantization = preset(args)
-    model = qopt.load(path, quantization=quantization, progress=False, **placement(args), **hub_options(args))
+    tokenizer = tokenizer_for(path)
+    where = placement(args)
+    rows = max(1, args.num_beams)  # beam search decodes a row per beam
+    budget = generation_budget(args, where, path, len(tokenizer.encode(args.words[-1])) + args.max_new_tokens, rows)
+    model = qopt.load(path, quantization=quantization, progress=False, **where, **budget, **hub_options(args))
     if args.adapter:
         qopt.load_adapter(model, args.adapter)
-    tokenizer = tokenizer_for(path)
     options = {"top_k": args.top_k, "temperature": args.temperature, "top_p": args.top_p}
     sample = args.do_sample or args.temperature is not None or args.top_p is not None
     prompt = args.words[-1]

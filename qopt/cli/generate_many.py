@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import model_path, placement, preset, writable_file
+from .common import generation_budget, model_path, placement, preset, writable_file
 
 
 def read_prompts(path: str) -> list[str]:
@@ -49,13 +49,16 @@ def run_many(args: argparse.Namespace) -> int:
     writable_file(args.output, "--output")
     prompts = read_prompts(args.prompts_file)
     path = model_path(args.words[0] if args.words else None)
-    model = qopt.load(path, quantization=preset(args), progress=False, **placement(args))
+    tokenizer = tokenizer_for(path)
+    ids = [tokenizer.encode(prompt) for prompt in prompts]
+    where = placement(args)
+    budget = generation_budget(args, where, path, max(map(len, ids), default=1) + args.max_new_tokens,
+                               args.batch_size)
+    model = qopt.load(path, quantization=preset(args), progress=False, **where, **budget)
     if args.adapter:
         qopt.load_adapter(model, args.adapter)
-    tokenizer = tokenizer_for(path)
     options = {"top_k": args.top_k, "temperature": args.temperature, "top_p": args.top_p}
     sample = args.do_sample or args.temperature is not None or args.top_p is not None
-    ids = [tokenizer.encode(prompt) for prompt in prompts]
     began = time.perf_counter()
     outputs = qopt.generate_many(model, ids, batch_size=args.batch_size, progress=True,
                                  max_new_tokens=args.max_new_tokens, do_sample=sample,

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 from .common import add_checkpointing, add_hub, add_parser, checkpointing
 
@@ -18,7 +20,8 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help="memory of a GPU, e.g. 24GiB or 24GB (repeat for GPUs 1, 2, ...)")
     p.add_argument("--cpu", metavar="SIZE",
                    help="CPU memory for weights, e.g. 64GiB; 0 for none (default: what this machine has free)")
-    p.add_argument("--context", type=int, default=2048, help="tokens per sequence held in the KV cache")
+    p.add_argument("--context", type=int, help="tokens per sequence held in the KV cache (default: 2048, or the "
+                   "model's positions where it has fewer)")
     p.add_argument("--batch", type=int, help="sequences decoded at once (default 1; --finetune: rows per step, "
                    "default 4)")
     p.add_argument("--strategy", choices=("auto", "balanced", "balanced_low_0", "sequential"), default="auto",
@@ -95,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
             from ..place.bandwidth import measure_read_bandwidth
 
             folder = args.offload_folder or tempfile.gettempdir()
+            if not os.path.isdir(folder):  # as `qopt generate` does with the same flag
+                os.makedirs(folder)
+                print(f"created offload folder {folder}", file=sys.stderr)
             result.read_bandwidth = measure_read_bandwidth(folder)
             result.bandwidth_source = f"measured in {folder}"
     print(result.format())

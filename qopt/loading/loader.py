@@ -27,36 +27,19 @@ from ..io.hub import cached_folder, resolve_model
 from ..io.outputs import check_output_folder
 from ..model.config import OPTConfig
 from ..model.network import LAYER_PREFIX, OPTForCausalLM, OPTModel, OPTPreTrainedModel, decoder_layer_index
-from ..place.device_map import device_of, host_placement, infer_device_map, summarize
+from ..place.device_map import device_of, summarize
 from ..place.offload import OFFLOAD_KINDS, HostStore, OffloadFolder, attach_disk_hooks, attach_host_hooks, \
     check_offloadable
-from ..place.plan import DeviceMap
+from ..place.placement import GenerationBudget, computes_on_cpu, place, resolve_dtype
+from ..place.plan import DeviceMap, MemoryPlan
 from ..place.ranks import check_one_device_per_rank
 from ..place.sizes import format_bytes, meta_model, placed_bytes
 from ..quant.config import QuantizationConfig
 from ..quant.modules import bits_of, is_quantized, owning_module, quantize_weight, saved_keys, set_quantized_state
-from ..utils import FLOAT_DTYPES
 from .saving import save_model
 
 logger = logging.getLogger(__name__)
 _HEAD_PREFIXES = ("score.", "qa_outputs.")  # task heads a causal-LM checkpoint does not have
-
-
-def resolve_dtype(torch_dtype: str | torch.dtype | None, config: OPTConfig, on_cpu: bool) -> torch.dtype:
-    """The dtype of the weights left unquantized. "auto" (the default, as in transformers 5) is the checkpoint's
-    `torch_dtype`, float32 where it names none, except that float16 becomes bfloat16 where the model computes
-    on a CPU: CPUs have no fast float16 matmuls (measured 2.7x slower here), and bfloat16 keeps float16's memory.
-    None means float32, as in transformers 4."""
-    if torch_dtype is None:
-        return torch.float32
-    if isinstance(torch_dtype, torch.dtype):
-        return torch_dtype
-    if torch_dtype == "auto":
-        dtype = FLOAT_DTYPES.get(config.torch_dtype or "float32", torch.float32)
-        return torch.bfloat16 if dtype == torch.float16 and on_cpu else dtype
-    if torch_dtype not in FLOAT_DTYPES:
-        raise ValueError(f"torch_dtype {torch_dtype!r}: expected one of {sorted(FLOAT_DTYPES)} or 'auto'")
-    return FLOAT_DTYPES[torch_dtype]
 
 
 def check_devices_exist(placement: DeviceMap, source: str) -> None:
@@ -69,13 +52,6 @@ def check_devices_exist(placement: DeviceMap, source: str) -> None:
         raise PlanError(f"{source}: the device map places weights on cuda:{missing[0]}, but this machine has "
                         f"{have} CUDA device{'s' if have != 1 else ''} (use device_map='cpu' / --device-map cpu, "
                         "or 'auto' to plan over the devices present)")
-
-
-def _computes_on_cpu(device_map: Any) -> bool:
-    if not torch.cuda.is_available():
-        return True
-    return device_map is None or device_map == "cpu" or (isinstance(device_map, torch.device)
-                                                          and device_map.type == "cpu")
 
 
 def resolve_quantization(requested: Any, config: OPTConfig, source: str) -> tuple[QuantizationConfig | None, bool]:
@@ -99,7 +75,7 @@ def load(path: str | os.PathLike, *, quantization: Any = None, quantization_conf
          torch_dtype: str | torch.dtype | None = "auto", dtype: str | torch.dtype | None = None,
          device_map: Any = None, max_memory: dict[Any, Any] | None = None,
          offload_folder: str | os.PathLike | None = None, stream_from_host: bool = False,
-         model_class: type[OPTPreTrainedModel] = OPTForCausalLM,
+         context: int | None = None, batch: int | None = None, model_class: type[OPTPreTrainedModel] = OPTForCausalLM,
          progress: bool = True, revision: str | None = None, token: str | bool | None = None,
          cache_dir: str | os.PathLike | None = None, local_files_only: bool = False, keep_download: bool = True,
          **config_overrides: Any) -> OPTPreTrainedModel:
@@ -114,6 +90,10 @@ def load(path: str | os.PathLike, *, quantization: Any = None, quantization_conf
     `offload_folder` and are read back at each forward. `model.hf_device_map` says where everything went.
     `stream_from_host`: decoder layers the map puts on the CPU stay there, quantized, but run on the GPU (copied
     over for each forward, once per pass layer-major; map value "host"), instead of being computed by the CPU.
+    `context` / `batch`: the generation budget a planned map keeps free beside the weights (each layer's KV cache
+    for `batch` sequences of `context` tokens, activations, the caches of offloaded layers on the main device),
+    as `qopt.plan` counts it; without them nothing is reserved (as in transformers). A `MemoryPlan` as
+    `device_map` loads the plan's map (its limits, strategy and budget).
 
     `path` is a checkpoint folder or a Hub id (`facebook/opt-125m`; `revision`, `token`, `cache_dir`,
     `local_files_only` as in transformers): shards download one after another while the previous one is
@@ -130,12 +110,9 @@ def load(path: str | os.PathLike, *, quantization: Any = None, quantization_conf
     files = source.checkpoint()
     quant, pre_quantized = resolve_quantization(quantization if quantization is not None else quantization_config,
                                                 config, str(path))
-    dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, config, _computes_on_cpu(device_map))
-    model = meta_model(config, quant, model_class)
     check_one_device_per_rank(device_map)
-    placement = infer_device_map(model, dtype, device_map, max_memory)
-    if stream_from_host:
-        placement = host_placement(placement, str(path))
+    model, dtype, placement = placed_model(config, quant, dtype if dtype is not None else torch_dtype, device_map,
+                                           max_memory, context, batch, stream_from_host, model_class, str(path))
     check_devices_exist(placement, str(path))
     check_offloadable(placement)
     offload = _offload_target(model, dtype, placement, offload_folder, path)
@@ -358,6 +335,41 @@ def dispatch(model: OPTPreTrainedModel, placement: DeviceMap, offload: OffloadFo
         for name, device in placement.items():
             if device not in OFFLOAD_KINDS:
                 add_hook_to_module(model.get_submodule(name), AlignDevicesHook(_torch_device(device)))
+
+
+def placed_model(config: OPTConfig, quant: QuantizationConfig | None, torch_dtype: str | torch.dtype | None,
+                 device_map: Any, max_memory: dict[Any, Any] | None, context: int | None, batch: int | None,
+                 stream_from_host: bool = False, model_class: type[OPTPreTrainedModel] = OPTForCausalLM,
+                 source: str = "model") -> tuple[OPTPreTrainedModel, torch.dtype, DeviceMap]:
+    """The meta model, its unquantized dtype and its device map, exactly as `load` computes them (and as
+    `qopt.plan` does with the same limits and budget), before any weight is read."""
+    if isinstance(device_map, MemoryPlan):
+        device_map, max_memory, budget = _from_plan(device_map, config, source)
+    else:
+        budget = _budget(context, batch, config, source)
+    dtype = resolve_dtype(torch_dtype, config, computes_on_cpu(device_map, max_memory))
+    model = meta_model(config, quant, model_class)
+    return model, dtype, place(model, dtype, device_map, max_memory, budget, stream_from_host, source).device_map
+
+
+def _budget(context: int | None, batch: int | None, config: OPTConfig, source: str) -> GenerationBudget | None:
+    if context is None and batch is None:
+        return None
+    budget = GenerationBudget(config.max_position_embeddings if context is None else context, batch or 1)
+    budget.check(config, source)
+    return budget
+
+
+def _from_plan(memory_plan: MemoryPlan, config: OPTConfig, source: str
+               ) -> tuple[DeviceMap, dict[str, int], GenerationBudget]:
+    """A plan's map, checked against the model it is loaded for (a plan of another shape would misplace it)."""
+    layers = sum(1 for name in memory_plan.device_map if decoder_layer_index(name) is not None)
+    whole = "" in memory_plan.device_map
+    if not whole and layers != config.num_hidden_layers:
+        raise PlanError(f"{source}: the plan ({memory_plan.label}) places {layers} decoder layers, config.json "
+                        f"declares {config.num_hidden_layers}; plan this model")
+    limits = {int(k) if k.isdigit() else k: v for k, v in memory_plan.limits.items()}
+    return dict(memory_plan.device_map), limits, GenerationBudget(memory_plan.context, memory_plan.batch)
 
 
 def _config_field(key: str) -> str:

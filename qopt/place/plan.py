@@ -5,6 +5,7 @@ map keeps room for generation.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +23,11 @@ from ..model.network import LAYER_PREFIX, decoder_layer_index, is_decoder_layer
 from ..quant.config import QuantizationConfig
 from ..quant.modules import is_quantized
 from ..utils import format_bytes
-from .device_map import format_ranges, host_placement, infer_device_map, normalize_max_memory, summarize
-from .sizes import DeviceMap, activation_bytes, kv_cache_bytes_per_layer, meta_model, sizing_view
-from .streaming import DEFAULT_PREFETCH_DEPTH
+from .device_map import STRATEGIES, format_ranges, normalize_max_memory, summarize
+from .placement import GenerationBudget, computes_on_cpu, default_context, place, resolve_dtype
+from .sizes import DeviceMap, meta_model, sizing_view
 
+logger = logging.getLogger(__name__)
 HOST_TO_GPU_BYTES_PER_S = 20e9  # pinned host -> GPU copies over PCIe 4.0 x16 (about 25 GB/s peak): an assumption
 
 
@@ -40,10 +42,13 @@ def config_for(source: OPTConfig | ModelSource | str | os.PathLike) -> tuple[OPT
     if isinstance(source, ModelSource):
         return OPTConfig.from_pretrained(source.folder), source.label
     path = Path(source)
-    if path.exists():
-        return OPTConfig.from_pretrained(path), str(path)
     key = "opt-" + str(source).lower().removeprefix("facebook/").removeprefix("opt-").removeprefix("opt")
     folder = data_dir() / "configs"
+    if path.exists():
+        if str(source) == key and _is_size_name(key, folder):
+            logger.warning("%s: a folder of that name is here: planning it, not the built-in shape (pass ./%s "
+                           "to silence this, or run elsewhere for the built-in shape)", source, source)
+        return OPTConfig.from_pretrained(path), str(path)
     if (folder / f"{key}.json").exists():
         return OPTConfig.from_pretrained(folder / f"{key}.json"), key
     shapes = json.loads((folder / "paper_shapes.json").read_text())
@@ -54,6 +59,10 @@ def config_for(source: OPTConfig | ModelSource | str | os.PathLike) -> tuple[OPT
     known = sorted({p.stem for p in folder.glob("opt-*.json")} | {k for k in shapes if not k.startswith("_")},
                    key=lambda k: float(k[4:-1]) * (1000 if k.endswith("b") else 1))
     raise ConfigError(f"{source}: not a checkpoint folder, a config.json or a known size ({', '.join(known)})")
+
+
+def _is_size_name(key: str, folder: Path) -> bool:
+    return (folder / f"{key}.json").exists() or key in json.loads((folder / "paper_shapes.json").read_text())
 
 
 # -- the plan -------------------------------------------------------------------------------------------------
@@ -80,6 +89,9 @@ class MemoryPlan:
     read_bandwidth: float | None = None  # bytes/s of the disk under the offload folder, for time estimates
     bandwidth_source: str = ""  # how it was obtained ("measured in /tmp", "given")
     stream_buffer_bytes: int = 0  # on the main GPU: host layers brought in at once (the one computing + prefetch)
+    kv_dtype: torch.dtype | None = None  # float32 where the whole model computes on the CPU
+    quant_type: str = ""  # "nf4" / "fp4" for 4-bit plans: spelled out by `flags()`
+    double_quant: bool = False
 
     @property
     def main_device(self) -> str:
@@ -128,14 +140,28 @@ class MemoryPlan:
             ["CPU" for d in used if d == "cpu"] + ["layers streamed from host RAM" for d in used if d == "host"]
         return "fits: " + " + ".join(parts)
 
-    def flags(self) -> str:
+    def precision_flags(self) -> str:
+        """`--bits 4 --quant-type nf4 ...`: the precision a load must ask for to get this plan's sizes."""
+        if self.quantization == "16-bit":
+            return f"--bits 16 --dtype {str(self.dtype).removeprefix('torch.')}"
+        if self.quantization == "int8":
+            return "--bits 8"
+        return f"--bits 4 --quant-type {self.quant_type or 'nf4'}" + (" --double-quant" if self.double_quant else "")
+
+    def placement_flags(self) -> str:
         """The `qopt` placement flags that load the model this way (the same limits, the same strategy)."""
-        memory = " ".join(f"{dev}={format_bytes(limit).replace(' ', '')}" for dev, limit in self.limits.items())
+        memory = " ".join(f"{dev}={_exact_size(limit)}" for dev, limit in self.limits.items())
         disk = " --offload-folder DIR" if "disk" in map(str, self.device_map.values()) else ""
         disk += " --stream-from-host" if "host" in map(str, self.device_map.values()) else ""
         if set(map(str, self.device_map.values())) == {"cpu"} and not disk:
             return "--device-map cpu"
         return f"--device-map {self.strategy} --max-memory {memory}{disk}"
+
+    def flags(self) -> str:
+        """The whole `load with:` line: precision, placement and the generation budget the map reserves, so
+        `qopt generate` / `qopt eval` with these flags place exactly this map."""
+        batch = f" --batch-size {self.batch}" if self.batch > 1 else ""
+        return f"{self.precision_flags()} {self.placement_flags()} --context {self.context}{batch}"
 
     def format(self) -> str:
         count = f"{self.parameters / 1e9:.2f}B" if self.parameters >= 1e9 else f"{self.parameters / 1e6:.1f}M"
@@ -195,40 +221,32 @@ class MemoryPlan:
 
 
 def plan(source: OPTConfig | str | os.PathLike, bits: int = 4, max_memory: dict[Any, Any] | None = None,
-         context: int = 2048, batch: int = 1, *, quant_type: str = "nf4", double_quant: bool = False,
-         dtype: torch.dtype = torch.bfloat16, strategy: str = "auto", stream_from_host: bool = False) -> MemoryPlan:
-    """The memory plan for a model (config, folder or size name) at a bit width, before any weight is read.
-    `stream_from_host`: the decoder layers planned for the CPU stay in its RAM but run on the GPU ("host")."""
+         context: int | None = None, batch: int = 1, *, quant_type: str = "nf4", double_quant: bool = False,
+         dtype: str | torch.dtype | None = "auto", strategy: str = "auto", stream_from_host: bool = False
+         ) -> MemoryPlan:
+    """The memory plan for a model (config, folder or size name) at a bit width, before any weight is read: the
+    placement `qopt.load` computes with the same limits and `context=` / `batch=` (`flags()` spells them).
+    `context` defaults to min(2048, the model's positions); `dtype` is resolved as `load` resolves it ("auto":
+    the checkpoint's). `stream_from_host`: the decoder layers planned for the CPU stay in its RAM but run on the
+    GPU ("host")."""
     config, label = config_for(source)
-    if context > config.max_position_embeddings:
-        raise ValueError(f"context {context} exceeds {label}'s max_position_embeddings "
-                         f"({config.max_position_embeddings})")
     if bits not in (4, 8, 16):
         raise ValueError(f"bits must be 4, 8 or 16, got {bits}")
-    if context < 1 or batch < 1:
-        raise ValueError(f"context and batch must be positive, got {context} and {batch}")
-    quant = None if bits == 16 else QuantizationConfig(
-        load_in_8bit=bits == 8, load_in_4bit=bits == 4, bnb_4bit_quant_type=quant_type,
-        bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=dtype)
-    model = meta_model(config, quant)
-    kv_layer = kv_cache_bytes_per_layer(config, context, batch, dtype)
-    act = activation_bytes(config, context, batch, dtype)
+    budget = GenerationBudget(default_context(config) if context is None else context, batch)
+    budget.check(config, label)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
     memory = normalize_max_memory(max_memory)
+    dtype = resolve_dtype(dtype, config, on_cpu=computes_on_cpu(strategy, memory))
+    quant = None if bits == 16 else QuantizationConfig.from_bits(bits, quant_type, double_quant)  # as `--bits` loads
+    model = meta_model(config, quant)
+    placement = place(model, dtype, strategy, memory, budget, stream_from_host, label)
+    device_map = placement.device_map
+    result = MemoryPlan(label, quant.name if quant else "16-bit", dtype, budget.context, budget.batch, device_map,
+                        {str(k): v for k, v in memory.items()}, activation_bytes=placement.activation_bytes,
+                        parameters=_parameter_count(model), strategy=strategy, kv_dtype=placement.kv_dtype,
+                        quant_type=quant_type if bits == 4 else "", double_quant=bits == 4 and double_quant)
     sizes = compute_module_sizes(sizing_view(model, dtype), dtype=dtype)
-    in_flight = (1 + DEFAULT_PREFETCH_DEPTH) * sizes.get(f"{LAYER_PREFIX}0", 0)  # a host layer computing + prefetched
-    if stream_from_host and any(isinstance(k, int) for k in memory):
-        # every layer's KV cache and the layers in flight live on the main GPU: reserved before placing weights
-        main_gpu = next(k for k in memory if isinstance(k, int))
-        reserve = in_flight + config.num_hidden_layers * kv_layer
-        placing = {**memory, main_gpu: max(0, memory[main_gpu] - reserve)}
-        device_map = host_placement(infer_device_map(model, dtype, strategy, placing, 0, act), label)
-    else:
-        device_map = infer_device_map(model, dtype, strategy, memory, kv_layer, act)
-        if stream_from_host:
-            device_map = host_placement(device_map, label)  # no GPU: the one-line error
-    result = MemoryPlan(label, quant.name if quant else "16-bit", dtype, context, batch, device_map,
-                        {str(k): v for k, v in memory.items()}, activation_bytes=act,
-                        parameters=_parameter_count(model), strategy=strategy)
     main = str(next(iter(memory)))
     for name, device in device_map.items():
         dev = str(device)
@@ -236,9 +254,18 @@ def plan(source: OPTConfig | str | os.PathLike, bits: int = 4, max_memory: dict[
         layers = sum(1 for n in sizes if is_decoder_layer(n) and (n == name or n.startswith(name + ".") or not name))
         kv_dev = main if dev in ("disk", "host") else dev
         if layers:
-            result.kv_cache_bytes[kv_dev] = result.kv_cache_bytes.get(kv_dev, 0) + layers * kv_layer
-    result.stream_buffer_bytes = in_flight if "host" in device_map.values() else 0
+            result.kv_cache_bytes[kv_dev] = result.kv_cache_bytes.get(kv_dev, 0) + \
+                layers * placement.kv_bytes_per_layer
+    result.stream_buffer_bytes = placement.in_flight_bytes if "host" in device_map.values() else 0
     return result
+
+
+def _exact_size(nbytes: int) -> str:
+    """A size that parses back to the same bytes: the largest binary unit that divides it."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes % scale == 0:
+            return f"{nbytes // scale}{unit}"
+    return str(nbytes)
 
 
 def _parameter_count(model: nn.Module) -> int:

@@ -144,6 +144,13 @@ class QuantizationConfig:
             raise ConfigError(str(err).replace("quantization_config", source, 1)) from None
 
     @classmethod
+    def from_bits(cls, bits: int, quant_type: str = "nf4", double_quant: bool = False,
+                  compute_dtype: torch.dtype = torch.bfloat16) -> "QuantizationConfig":
+        """The config a planner means by a bit width (8: LLM.int8; 4: `quant_type`, optionally double quant)."""
+        return cls(load_in_8bit=bits == 8, load_in_4bit=bits == 4, bnb_4bit_quant_type=quant_type,
+                   bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype)
+
+    @classmethod
     def coerce(cls, value: "str | Mapping[str, Any] | QuantizationConfig | Any") -> "QuantizationConfig":
         """A preset name, a dict, our config, or any object with BitsAndBytesConfig's `to_dict()`."""
         if isinstance(value, cls):

@@ -1,0 +1,118 @@
+"""Plan and load place the same map: `qopt.plan`'s device map against real loads over a sweep of CPU + disk
+budgets, against the map `qopt generate` reports after pasting the plan's `load with:` line, and against the map
+`load` computes for GPU splits (on the meta device, GPUs stood in for)."""
+import logging
+import re
+
+import pytest
+import torch
+from conftest import save_random_opt
+
+import qopt
+from qopt import cli
+from qopt.loading.loader import placed_model
+from qopt.place.device_map import summarize
+from qopt.place.plan import config_for, plan
+from qopt.quant.config import QuantizationConfig
+
+MIB = 2**20
+SHAPE = dict(num_hidden_layers=6, hidden_size=256, ffn_dim=2048, num_attention_heads=4, max_position_embeddings=128)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_random_opt(tmp_path_factory.mktemp("opt6"), **SHAPE)
+
+
+def _layers_on(device_map, device):
+    return sorted(int(n.rsplit(".", 1)[1]) for n, d in device_map.items() if d == device and ".layers." in n)
+
+
+def test_real_loads_place_the_plans_map_over_a_sweep_of_cpu_budgets(checkpoint, tmp_path):
+    seen = set()
+    for budget_mib in (57.0, 57.5, 58.0, 58.5, 59.0, 59.5, 64.0):
+        memory = {"cpu": int(budget_mib * MIB)}
+        result = plan(checkpoint, 4, memory, context=96, batch=2)
+        model = qopt.load(checkpoint, quantization="nf4", device_map="auto", max_memory=memory, context=96, batch=2,
+                          offload_folder=tmp_path / "offload", progress=False)
+        assert model.hf_device_map == result.device_map, budget_mib
+        assert result.loadable and all(result.used_bytes(d) <= limit for d, limit in result.limits.items())
+        seen.add(len(_layers_on(result.device_map, "disk")))
+    assert len(seen) >= 3  # the sweep crosses several splits, from most layers on disk to none
+
+
+def test_a_larger_budget_never_turns_a_loadable_plan_into_cannot_load(checkpoint):
+    for strategy in ("auto", "sequential"):
+        loadable = False
+        for budget in range(54 * MIB, 62 * MIB, MIB // 4):
+            result = plan(checkpoint, 4, {"cpu": budget}, context=96, batch=2, strategy=strategy)
+            assert result.loadable or not loadable, (strategy, budget, result.verdict)
+            loadable = result.loadable
+        assert loadable
+
+
+def test_the_disk_layers_kv_cache_is_reserved_on_the_cpu_in_float32(checkpoint):
+    result = plan(checkpoint, 4, {"cpu": 58 * MIB}, context=96, batch=2)
+    disk = _layers_on(result.device_map, "disk")
+    assert disk and result.kv_dtype == torch.float32
+    config = config_for(checkpoint)[0]
+    per_layer = 2 * 2 * 96 * config.hidden_size * 4  # keys and values, batch 2, float32
+    assert result.kv_cache_bytes == {"cpu": config.num_hidden_layers * per_layer}  # every layer's cache on the CPU
+    assert result.used_bytes("cpu") <= result.limits["cpu"]
+
+
+def test_pasting_load_with_into_qopt_generate_places_the_plans_map(checkpoint, tmp_path, capsys, caplog):
+    assert cli.main(["plan", str(checkpoint), "--cpu", "55MiB", "--context", "96"]) == 0
+    out = capsys.readouterr().out
+    planned = re.search(r"^device map: (.*)$", out, re.M).group(1)
+    flags = re.search(r"^load with: (.*)$", out, re.M).group(1)
+    assert "--bits 4 --quant-type nf4" in flags and "--context 96" in flags and "disk" in planned
+    flags = flags.replace("DIR", str(tmp_path / "offload"))
+    with caplog.at_level(logging.INFO, logger="qopt.loading.loader"):
+        assert cli.main(["generate", str(checkpoint), "Hello", "--max-new-tokens", "2", *flags.split()]) == 0
+    placed = next(r.getMessage() for r in caplog.records if "placement:" in r.getMessage())
+    assert placed.endswith("placement: " + planned)
+
+
+def test_a_plan_object_loads_as_its_map(checkpoint, tmp_path):
+    result = plan(checkpoint, 4, {"cpu": 58 * MIB}, context=96, batch=2)
+    model = qopt.load(checkpoint, quantization="nf4", device_map=result, offload_folder=tmp_path, progress=False)
+    assert model.hf_device_map == result.device_map
+    other = plan("opt-125m", 4, {"cpu": "110MiB"}, context=128)  # layers 0-3 on the CPU, 4-11 on disk
+    with pytest.raises(qopt.errors.PlanError, match="places 12 decoder layers, config.json declares 6"):
+        qopt.load(checkpoint, quantization="nf4", device_map=other, progress=False)
+
+
+@pytest.mark.parametrize("memory, context", [
+    ({0: "12GiB", "cpu": "32GiB"}, 2048),  # the 30B / 12 GiB case: layers 0-26 on the GPU, not 0-32
+    ({0: "24GiB", "cpu": "8GiB"}, 2048),
+    ({0: "10GiB", 1: "10GiB", "cpu": "4GiB"}, 1024),
+])
+def test_gpu_splits_on_the_meta_device_match_the_loaders_map(memory, context):
+    config, _ = config_for("opt-30b")
+    result = plan("opt-30b", 4, memory, context=context)
+    _, dtype, placed = placed_model(config, QuantizationConfig.from_name("nf4"), "auto", "auto", memory, context, 1)
+    assert placed == result.device_map and dtype == result.dtype
+    assert all(result.used_bytes(d) <= limit for d, limit in result.limits.items())
+    if memory == {0: "12GiB", "cpu": "32GiB"}:
+        assert _layers_on(placed, 0) == list(range(27))
+        _, _, unreserved = placed_model(config, QuantizationConfig.from_name("nf4"), "auto", "auto", memory, None, None)
+        assert len(_layers_on(unreserved, 0)) > 27  # without a budget nothing is reserved (as transformers)
+
+
+def test_the_1_3b_budgets_of_the_issue_agree_between_plan_and_load():
+    config, _ = config_for("opt-1.3b")
+    verdicts = []
+    for cpu in ("300MiB", "400MiB", "500MiB", "600MiB", "700MiB"):
+        result = plan("opt-1.3b", 4, {"cpu": cpu}, context=512)
+        _, _, placed = placed_model(config, QuantizationConfig.from_name("nf4"), "auto", "auto", {"cpu": cpu}, 512, 1)
+        assert placed == result.device_map, cpu
+        verdicts.append(result.loadable)
+    assert verdicts == sorted(verdicts) and verdicts[-1]  # once loadable, loadable with more memory
+    assert "; ".join(summarize(placed)).startswith("cpu: model.decoder.embed_tokens")
+
+
+def test_default_context_is_capped_at_the_models_positions():
+    assert plan("opt-125m", 4, {"cpu": "1GiB"}).context == 2048
+    bundled = qopt.bundled.bundled_model_dir()
+    assert plan(bundled, 4, {"cpu": "1GiB"}).context == config_for(bundled)[0].max_position_embeddings
