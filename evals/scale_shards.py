@@ -320,30 +320,44 @@ def hub_config(shape: str) -> dict:
     return data
 
 
-def build(shape: str, shard_count: int, seed: int = 0, progress: bool = True) -> SyntheticRepo:
-    """The repo for `shape` in `shard_count` `.bin` shards; the manifest is computed once (minutes at 30B) and
-    cached per shape, shard count, seed and torch version."""
+def _layouts(shape: str, shard_count: int, seed: int) -> tuple[dict, list[list[TensorSpec]], list[ShardLayout]]:
     config = hub_config(shape)
     specs = split_shards(hf_tensors(config), shard_count)
     names = [f"pytorch_model-{i + 1:05d}-of-{shard_count:05d}.bin" for i in range(shard_count)]
     layouts = [ShardLayout(name, i, s, torch_records(s, seed), seed) for i, (name, s) in enumerate(zip(names, specs))]
+    return config, specs, layouts
+
+
+def _manifest_entry(shape: str, shard_count: int, seed: int, index: int, progress: bool) -> dict:
+    """One shard's size, sha256 and CRCs, by generating every byte once (a worker process per shard)."""
+    torch.set_num_threads(1)
+    layout = _layouts(shape, shard_count, seed)[2][index]
+    sha, done = hashlib.sha256(), 0
+    for piece, _, _ in layout.stream():
+        sha.update(piece)
+        done += len(piece)
+        if progress and done % (1 << 30) < len(piece):
+            print(f"manifest {layout.name}: {done / 1e9:.1f} / {layout.size / 1e9:.1f} GB", flush=True)
+    return {"name": layout.name, "size": layout.size, "sha256": sha.hexdigest(), "crcs": layout.crcs}
+
+
+def build(shape: str, shard_count: int, seed: int = 0, progress: bool = True) -> SyntheticRepo:
+    """The repo for `shape` in `shard_count` `.bin` shards; the manifest is computed once (one worker process
+    per core; minutes at 30B) and cached per shape, shard count, seed and torch version."""
+    config, specs, layouts = _layouts(shape, shard_count, seed)
     key = f"{shape}-{shard_count}-seed{seed}-torch{torch.__version__}"
     cached = CACHE / f"{key}.json"
     if cached.exists():
         manifest = json.loads(cached.read_text())
         if [e["size"] for e in manifest["shards"]] == [s.size for s in layouts]:
             return SyntheticRepo(config, layouts, manifest)
-    weight_map = {spec.key: name for name, shard in zip(names, specs) for spec in shard}
+    weight_map = {spec.key: layout.name for layout, shard in zip(layouts, specs) for spec in shard}
     index = {"metadata": {"total_size": sum(s.nbytes for shard in specs for s in shard)}, "weight_map": weight_map}
-    entries = []
-    for layout in layouts:
-        sha, done = hashlib.sha256(), 0
-        for piece, _, _ in layout.stream():
-            sha.update(piece)
-            done += len(piece)
-            if progress and done % (1 << 30) < len(piece):
-                print(f"manifest {layout.name}: {done / 1e9:.1f} / {layout.size / 1e9:.1f} GB", flush=True)
-        entries.append({"name": layout.name, "size": layout.size, "sha256": sha.hexdigest(), "crcs": layout.crcs})
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(min(len(layouts), os.cpu_count() or 1)) as pool:
+        entries = list(pool.map(_manifest_entry, *zip(*[(shape, shard_count, seed, i, progress)
+                                                         for i in range(len(layouts))])))
     manifest = {"shape": shape, "seed": seed, "torch": torch.__version__, "index": index, "shards": entries}
     CACHE.mkdir(parents=True, exist_ok=True)
     cached.write_text(json.dumps(manifest))
