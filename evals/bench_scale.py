@@ -86,9 +86,15 @@ def disk_bytes(folders: list[Path]) -> int:
     return total
 
 
+DEADLINE = [float("inf")]  # time.time() by which every child must have finished (--deadline-min)
+
+
 def child(args: list[str], env: dict[str, str], watch: list[Path]) -> dict:
-    """Run evals/scale_child.py with the disk of `watch` sampled every 20 ms; its JSON plus peak_disk."""
+    """Run evals/scale_child.py with the disk of `watch` sampled every 20 ms; its JSON plus peak_disk. A child
+    that fails or runs past the deadline gives what it recorded before (its partial JSON)."""
     peak, done = [0], threading.Event()
+    partial = Path(tempfile.mkstemp(prefix="qopt-bench-part-", suffix=".json")[1])
+    env = {**env, "QOPT_BENCH_PARTIAL": str(partial)}
 
     def sample() -> None:
         while not done.is_set():
@@ -98,16 +104,25 @@ def child(args: list[str], env: dict[str, str], watch: list[Path]) -> dict:
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     began = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "evals" / "scale_child.py"), *args], env=env, text=True,
+                            stdout=subprocess.PIPE)
     try:
-        out = subprocess.run([sys.executable, str(ROOT / "evals" / "scale_child.py"), *args], env=env, text=True,
-                             stdout=subprocess.PIPE, check=False)
+        left = DEADLINE[0] - time.time()
+        stdout, _ = proc.communicate(timeout=None if left == float("inf") else max(1.0, left))
+        failed = f"exit {proc.returncode}" + (" (killed: out of memory?)" if proc.returncode < 0 else "") \
+            if proc.returncode else ""
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, _ = proc.communicate()
+        failed = "stopped at the run's deadline (--deadline-min)"
     finally:
         done.set()
         thread.join()
-    if out.returncode:
-        return {"failed": f"exit {out.returncode}" + (" (killed: out of memory?)" if out.returncode < 0 else ""),
-                "peak_disk": peak[0]}
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    text = partial.read_text() if partial.stat().st_size else "{}"
+    partial.unlink()
+    result = json.loads(stdout.strip().splitlines()[-1]) if not failed else json.loads(text)
+    if failed:
+        result["failed"] = failed
     result.update(peak_disk=peak[0], process_s=time.perf_counter() - began)
     return result
 
@@ -173,8 +188,10 @@ def run_shape(key: str, quick: bool, parts: set[str], work: Path, seed: int, log
             cache, scratch, saved = folder / "cache", folder / "tmp", folder / "saved"
             scratch.mkdir(parents=True)
             env = {**base, **hub_environment(server, cache), "TMPDIR": str(scratch)}
-            wanted = [p for p in ("generate", "perplexity", "save") if p in parts or (p == "save" and "reload" in
-                                                                                      parts)]
+            # with a reload, decode and perplexity run on the reloaded model (one CPU repack, 30B fits once)
+            later = [p for p in ("generate", "perplexity") if p in parts and "reload" in parts]
+            wanted = ["save"] * bool({"save", "reload"} & parts) + [p for p in ("generate", "perplexity")
+                                                                     if p in parts and p not in later]
             log(f"{shape}: load {'+ ' + ' + '.join(wanted) if wanted else ''}")
             result["load"] = child(["load", result["repo"], shape, str(saved), ",".join(wanted)], env,
                                    [cache, scratch])
@@ -183,7 +200,8 @@ def run_shape(key: str, quick: bool, parts: set[str], work: Path, seed: int, log
             if "reload" in parts and saved.is_dir():
                 files = sorted(p for p in saved.iterdir() if p.is_file())
                 result["cold_read"] = cold_read(files)
-                result["reload"] = child(["reload", str(saved)], base, [])
+                log(f"{shape}: cold reload + one forward {'+ ' + ' + '.join(later) if later else ''}")
+                result["reload"] = child(["reload", str(saved), ",".join(later)], base, [])
                 log(f"cold read {result['cold_read']['seconds']:.1f} s, reload + forward "
                     f"{result['reload'].get('seconds', float('nan')):.1f} s")
             shutil.rmtree(folder, ignore_errors=True)
@@ -212,7 +230,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, help="scratch (default: a temp folder, removed)")
     parser.add_argument("--json", type=Path, help="default evals/results[/quick]/bench_scale.json")
+    parser.add_argument("--deadline-min", type=float, help="stop any part still running this many minutes after "
+                                                           "the start, keeping what it recorded")
     args = parser.parse_args()
+    if args.deadline_min:
+        DEADLINE[0] = time.time() + 60 * args.deadline_min
     if args.serve:
         serve(args.serve[0], int(args.serve[1]), int(args.serve[2]))
         return

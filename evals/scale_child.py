@@ -2,7 +2,7 @@
 process that holds nothing but its imports. Prints one JSON line.
 
     python evals/scale_child.py load    REPO SHAPE SAVE_DIR PARTS   (load, generate, perplexity, save)
-    python evals/scale_child.py reload  FOLDER                      (load a saved NF4 folder + one forward)
+    python evals/scale_child.py reload  FOLDER [PARTS]              (a saved NF4 folder + one forward [+ parts])
     python evals/scale_child.py offload REPO SHAPE OFFLOAD_DIR CPU  (device_map="auto", the rest on disk)
 
 Anonymous memory (RssAnon) and file-backed memory (RssFile) are sampled every 5 ms by a thread; peaks are
@@ -26,6 +26,14 @@ import qopt.loading.loader  # noqa: F401  (imports before the baseline)
 from qopt.evaluation.perplexity import evaluate_ids, text_ids
 
 WINDOW, WINDOWS, NEW_TOKENS, PROMPT = 256, 2, 8, 16
+PARTIAL = os.environ.get("QOPT_BENCH_PARTIAL")  # written after every step: a run stopped late keeps the rest
+
+
+def record(out: dict) -> dict:
+    if PARTIAL:
+        Path(PARTIAL + ".tmp").write_text(json.dumps(out, default=str))
+        os.replace(PARTIAL + ".tmp", PARTIAL)
+    return out
 
 
 def status() -> dict[str, int]:
@@ -130,7 +138,9 @@ def download_prediction(repo: str, memory: qopt.MemoryPlan) -> dict:
     source = qopt.resolve_model(repo, keep_download=False, progress=False)
     plan = qopt.download_plan(source, memory, keep_download=False)
     return {"peak_disk_bytes": plan.peak_disk_bytes, "peak_host_bytes": plan.peak_host_bytes,
-            "download_bytes": plan.download_bytes, "shard_bytes": plan.shard_bytes}
+            "download_bytes": plan.download_bytes, "shard_bytes": plan.shard_bytes,
+            **{k: getattr(plan, k) for k in ("peak_anonymous_bytes", "mapped_bytes", "quantize_buffer_bytes")
+               if hasattr(plan, k)}}
 
 
 def part_load(repo: str, shape: str, save_dir: str, parts: list[str]) -> dict:
@@ -149,14 +159,23 @@ def part_load(repo: str, shape: str, save_dir: str, parts: list[str]) -> dict:
                    "anon_after": now["RssAnon"] - sampler.base["RssAnon"], "VmHWM": now["VmHWM"],
                    "model_bytes": model_bytes(model), "placement": sorted({str(d) for d in
                                                                            model.hf_device_map.values()})}
+    out["VmHWM"] = status()["VmHWM"]
+    record(out)
+    steps(model, sampler, parts, out, save_dir)
+    return out
+
+
+def steps(model: torch.nn.Module, sampler: Sampler, parts: list[str], out: dict, save_dir: str = "") -> None:
+    """Save first (before any forward), then decode and perplexity; the JSON is rewritten after each."""
+    if "save" in parts:
+        out["save"] = record(attempt(save, model, save_dir))
     if "generate" in parts:
         out["generate"] = attempt(decode, model, sampler)
+        record(out)
     if "perplexity" in parts:
         out["perplexity"] = attempt(perplexity, model, sampler)
-    if "save" in parts:
-        out["save"] = attempt(save, model, save_dir)
     out["VmHWM"] = status()["VmHWM"]
-    return out
+    record(out)
 
 
 def attempt(step, *args: object) -> dict:
@@ -176,17 +195,22 @@ def save(model: torch.nn.Module, folder: str) -> dict:
     return {"seconds": time.perf_counter() - began, "bytes": sum(p.stat().st_size for p in Path(folder).iterdir())}
 
 
-def part_reload(folder: str) -> dict:
+def part_reload(folder: str, parts: list[str]) -> dict:
+    """A saved NF4 folder loaded in a fresh process, then one forward (with the CPU repack; timed apart); the
+    decode and perplexity parts, when asked, run on this model (one repack for all of them)."""
     sampler = Sampler()
     sampler.start()
     began = time.perf_counter()
     model = qopt.load(folder, progress=False)
-    loaded = time.perf_counter()
+    out: dict = {"load_s": time.perf_counter() - began, **sampler.phase(), "VmHWM": status()["VmHWM"]}
+    record(out)
     with torch.no_grad():
         model(prompt_ids())
-    done = time.perf_counter()
-    return {"load_s": loaded - began, "forward_s": done - loaded, "seconds": done - began, **sampler.phase(),
-            "VmHWM": status()["VmHWM"]}
+    out.update(forward_s=time.perf_counter() - began - out["load_s"], seconds=time.perf_counter() - began,
+               forward_peak_anon=sampler.phase()["peak_anon"])
+    record(out)
+    steps(model, sampler, [p for p in parts if p != "save"], out)
+    return out
 
 
 def part_offload(repo: str, shape: str, offload_dir: str, cpu: str) -> dict:
@@ -216,10 +240,12 @@ def part_offload(repo: str, shape: str, offload_dir: str, cpu: str) -> dict:
                    "offload_bytes": offload_bytes, "placement": summarize(model.hf_device_map),
                    "same_map_as_plan": {k: str(v) for k, v in model.hf_device_map.items()} ==
                    {k: str(v) for k, v in memory.device_map.items()}}
+    record(out)
     out["perplexity"] = attempt(perplexity, model, sampler)
+    record(out)
     out["generate_many"] = attempt(throughput, model, sampler)
     out["VmHWM"] = status()["VmHWM"]
-    return out
+    return record(out)
 
 
 def throughput(model: torch.nn.Module, sampler: Sampler) -> dict:
@@ -242,7 +268,7 @@ def main() -> None:
     if kind == "load":
         result = part_load(args[0], args[1], args[2], args[3].split(","))
     elif kind == "reload":
-        result = part_reload(args[0])
+        result = part_reload(args[0], args[1].split(",") if len(args) > 1 else [])
     elif kind == "offload":
         result = part_offload(*args)
     else:
