@@ -85,6 +85,10 @@ def summarize(result: dict) -> list[dict]:
         read = result["cold_read"]["seconds"]
         rows.append(_row("cold reload + one forward vs 1.5 x sequential 16 MiB read", result["reload"]["seconds"],
                          1.5 * read, "<= 1.5 x read", result["reload"]["seconds"] <= 1.5 * read, "s"))
+    if result.get("reload", {}).get("failed"):
+        rows.append(_row(f"cold reload + one forward: {result['reload']['failed']}", None, None, "no OOM", False, ""))
+    if result.get("not_run"):
+        rows.append(_row("not run (see not_run)", None, None, "ran", False, ""))
     off = result.get("offload")
     if off and "load" in off:
         plan = off["plan"]
@@ -128,7 +132,7 @@ def table(results: dict) -> str:
         result = results.get(key)
         if not result:
             continue
-        for row in result.get("checks", []):
+        for row in result.get("checks", []) or summarize(result):
             met = {True: "yes", False: "NO", None: "-"}[row["met"]]
             ratio = f"{row['ratio']:.3f}" if row["ratio"] is not None else "-"
             lines.append(f"| {result['shape']} | {row['check']} | {_fmt(row['measured'], row['unit'])} | "
