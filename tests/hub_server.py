@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".msgpack", ".h5")
@@ -35,12 +35,27 @@ def git_blob_id(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
+class ByteSource(Protocol):
+    """Bytes produced on demand (evals/scale_shards.py: a 60 GB checkpoint that exists only as a recipe): its
+    size and sha256 are known beforehand, `open()` gives a fresh seekable reader."""
+
+    size: int
+    sha256: str
+
+    def open(self) -> BinaryIO: ...
+
+
+def lfs_pointer(sha256: str, size: int) -> bytes:
+    """The git LFS pointer file the Hub stores in git for a large file (its blob id is the git oid listed)."""
+    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
+
+
 @dataclass
 class HubFile:
-    """A file's bytes (in memory, or a path for benchmark-sized shards) and the ids the Hub reports."""
+    """A file's bytes (in memory, a path for benchmark-sized shards, or a generator) and the ids the Hub reports."""
 
     name: str
-    source: bytes | Path
+    source: bytes | Path | ByteSource
     lfs: bool
     size: int = 0
     sha256: str = ""
@@ -48,6 +63,10 @@ class HubFile:
 
     def __post_init__(self) -> None:
         sha, sha1 = hashlib.sha256(), None
+        if not isinstance(self.source, (bytes, Path)):  # generated: nothing is read now
+            self.size, self.sha256 = self.source.size, self.source.sha256
+            self.blob_id = git_blob_id(lfs_pointer(self.sha256, self.size))
+            return
         if isinstance(self.source, bytes):
             self.size = len(self.source)
             sha.update(self.source)
@@ -67,7 +86,9 @@ class HubFile:
         return self.sha256 if self.lfs else self.blob_id
 
     def open(self) -> BinaryIO:
-        return io.BytesIO(self.source) if isinstance(self.source, bytes) else open(self.source, "rb")
+        if isinstance(self.source, bytes):
+            return io.BytesIO(self.source)
+        return open(self.source, "rb") if isinstance(self.source, Path) else self.source.open()
 
 
 @dataclass
@@ -156,7 +177,7 @@ class FakeHub:
         self.server.shutdown()
         self.server.server_close()
 
-    def add_repo(self, repo_id: str, files: dict[str, bytes | Path], *, branch: str = "main",
+    def add_repo(self, repo_id: str, files: dict[str, bytes | Path | ByteSource], *, branch: str = "main",
                  commit: str | None = None, **flags: object) -> str:
         """Publish `files` as a new commit on `branch` (creating the repo); returns the commit hash."""
         repo = self.repos.setdefault(repo_id, Repo(repo_id))

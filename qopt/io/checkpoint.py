@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import pickle
@@ -17,8 +18,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import CheckpointError
-from ..utils import parse_size
+from ..utils import format_bytes, parse_size
 from .atomic import atomic_write_text, give_default_mode
+
+logger = logging.getLogger(__name__)
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -271,10 +274,44 @@ def _detail(err: BaseException) -> str:
     return line.split(". ")[0].rstrip(".")
 
 
-def _load_bin(shard: Path) -> dict[str, torch.Tensor]:
-    """torch.load with weights_only=True: a pickle that would run code is refused, never executed."""
+def mem_available() -> int | None:
+    """The kernel's estimate of memory available without swapping (MemAvailable, bytes); None off Linux."""
     try:
-        state = torch.load(shard, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(shard))
+        text = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def check_legacy_bin(shard: Path, host_bytes: int = 0) -> bool:
+    """Whether `shard` is a zip archive torch.load can memory-map. A legacy (pre-torch-1.6, non-zip) `.bin` cannot
+    be mapped: torch.load reads it whole into anonymous memory beside the `host_bytes` the load still has to keep
+    in host RAM. Over MemAvailable that is an out-of-memory kill halfway through a long load, so it fails here in
+    one line; under it, one warning says what it costs."""
+    if zipfile.is_zipfile(shard):
+        return True
+    size = shard.stat().st_size
+    available = mem_available()
+    fix = "convert it to safetensors, or to a zip .bin (torch.load it and torch.save it again with torch>=1.6)"
+    if available is not None and size + host_bytes > available:
+        raise CheckpointError(f"{shard}: a legacy (non-zip) .bin is read whole into RAM: {format_bytes(size)} + "
+                              f"{format_bytes(host_bytes)} of weights still to load into host RAM exceeds the "
+                              f"{format_bytes(available)} available; {fix}")
+    logger.warning("%s: a legacy (non-zip) .bin cannot be memory-mapped: reading it whole costs %s of RAM "
+                   "(beside %s of weights still to load; %s available); %s", shard, format_bytes(size),
+                   format_bytes(host_bytes), "unknown" if available is None else format_bytes(available), fix)
+    return False
+
+
+def _load_bin(shard: Path, host_bytes: int = 0) -> dict[str, torch.Tensor]:
+    """torch.load with weights_only=True: a pickle that would run code is refused, never executed. A zip `.bin`
+    is memory-mapped; a legacy one is checked against MemAvailable first (`check_legacy_bin`)."""
+    mappable = check_legacy_bin(shard, host_bytes)
+    try:
+        state = torch.load(shard, map_location="cpu", weights_only=True, mmap=mappable)
     except Exception as err:  # refused globals, zip or pickle corruption
         detail = _detail(err)
         if isinstance(err, pickle.UnpicklingError) and "GLOBAL" in detail:
@@ -288,12 +325,13 @@ def _load_bin(shard: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def iter_shard_tensors(files: CheckpointFiles, shard: Path, select: Callable[[str], bool] | None = None
-                       ) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_shard_tensors(files: CheckpointFiles, shard: Path, select: Callable[[str], bool] | None = None,
+                       host_bytes: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield one shard's tensors (those whose file names `select` accepts); safetensors are memory-mapped and
-    each tensor read only when yielded, so unselected ones are never read."""
+    each tensor read only when yielded, so unselected ones are never read. `host_bytes`: what the caller still
+    has to keep in host RAM, weighed with a legacy `.bin` that must be read whole."""
     if files.format == "bin":
-        state = _load_bin(shard)
+        state = _load_bin(shard, host_bytes)
         for name in list(state):
             tensor = state.pop(name)
             if select is None or select(name):

@@ -139,7 +139,7 @@ def load(path: str | os.PathLike, *, quantization: Any = None, quantization_conf
                 tqdm(total=shards.total_bytes, unit="B", unit_scale=True, desc="Loading", disable=not progress) as bar:
             for shard in shards:
                 bar.set_description(f"Loading {shard.name}")
-                for raw_name, tensor in iter_shard_tensors(files, shard):
+                for raw_name, tensor in iter_shard_tensors(files, shard, host_bytes=shard_loader.host_bytes_left):
                     shard_loader.put(raw_name, tensor, shard)
                     bar.update(tensor.numel() * tensor.element_size())
         shard_loader.finish()
@@ -212,6 +212,9 @@ class _ShardLoader:
         self.pack_for_cpu = all(d in ("cpu", "disk") for d in placement.values())
         self.arrived: dict[str, set[str]] = {}  # quantized layer -> checkpoint keys seen so far
         self.loaded: set[str] = set()
+        # weights this load keeps in host RAM (CPU and host-streamed layers), and how many are there so far
+        self.host_planned = sum(placed_bytes(model, dtype, placement, d) for d in ("cpu", "host"))
+        self.host_placed = 0
         expected = {n: p.shape for n, p in self.plain.items()}
         if not pre_quantized:
             expected.update({f"{n}.{k}": getattr(m, k).shape for n, m in self.quantized.items() for k in
@@ -219,6 +222,15 @@ class _ShardLoader:
         check_tensor_shapes(files, expected, lambda raw: normalize_key(raw, self.has_prefix))
         for raw, info in files.tensors.items():  # headers: refuse extra layers before any data is read
             self._check_layer(raw, info.file)
+
+    @property
+    def host_bytes_left(self) -> int:
+        """Planned host-RAM weights not placed yet: what a shard read whole into RAM must leave room for."""
+        return max(0, self.host_planned - self.host_placed)
+
+    def _count_host(self, device: int | str, values: Any) -> None:
+        if device in ("cpu", "host"):
+            self.host_placed += sum(v.numel() * v.element_size() for v in values if isinstance(v, torch.Tensor))
 
     def _required_keys(self, name: str, module: torch.nn.Module) -> set[str]:
         if not self.pre_quantized:
@@ -257,6 +269,7 @@ class _ShardLoader:
 
     def _place(self, name: str, value: torch.Tensor) -> None:
         device = device_of(name, self.placement)
+        self._count_host(device, [value])
         if device in OFFLOAD_KINDS:
             self.stores[device].put(name, value)
         else:
@@ -285,6 +298,7 @@ class _ShardLoader:
             self._finish_module(owner, self.pending.pop(owner), device)
 
     def _finish_module(self, owner: str, state: dict[str, Any], device: int | str) -> None:
+        self._count_host(device, state.values())
         if device in OFFLOAD_KINDS:
             for key, value in saved_layout(state).items():
                 self.stores[device].put(f"{owner}.{key}", value)
