@@ -9,6 +9,7 @@ from pathlib import Path
 import bitsandbytes as bnb
 import pytest
 import torch
+from bitsandbytes import functional as bnbf
 from bitsandbytes.functional import QuantState, has_avx512bf16
 
 import qopt
@@ -105,6 +106,28 @@ def test_fallback_rounding_bounds_equal_bitsandbytes(monkeypatch):
     for quant_type, (bounds, order) in tested.items():
         public_bounds, public_order = internals.quantize_bounds(quant_type)
         assert torch.equal(bounds, public_bounds) and torch.equal(order, public_order)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16])
+def test_the_cpu_layout_builder_equals_bitsandbytes_repack(quant_type, nested, storage):
+    weight = torch.randn(96, 192, generator=torch.Generator().manual_seed(0))
+    built = {}
+    for name, pack in (("qopt", internals.pack_for_cpu), ("bitsandbytes", internals.pack_for_cpu_by_bitsandbytes)):
+        codes, state = bnbf.quantize_4bit(weight, blocksize=64, quant_type=quant_type, compress_statistics=nested,
+                                          quant_storage=storage)
+        built[name] = (pack(codes, state), state)
+    (ours, ours_state), (theirs, their_state) = built["qopt"], built["bitsandbytes"]
+    assert ours.dtype == theirs.dtype == torch.uint8 and torch.equal(ours, theirs)
+    assert torch.equal(ours_state.absmax, their_state.absmax) and ours_state.absmax.dtype == torch.bfloat16
+    fields = ("dtype", "nested", "original_dtype", "original_nested", "original_qshape", "packing_format_for_cpu",
+              "blocksize", "shape", "quant_type")
+    assert {f: getattr(ours_state, f) for f in fields} == {f: getattr(their_state, f) for f in fields}
+    assert getattr(ours_state, "original_storage_type", None) == getattr(their_state, "original_storage_type", None)
+    assert hasattr(ours_state, "state2") == hasattr(their_state, "state2")
+    restored = internals.unpack_weight(ours, ours_state)
+    assert restored.dtype == storage and torch.equal(restored.view(torch.uint8), codes.view(torch.uint8))
 
 
 # -- no round trips; the CPU layout built at load ------------------------------------------------------------

@@ -71,9 +71,37 @@ def is_cpu_packed(state: bnbf.QuantState | None) -> bool:
     return bool(getattr(state, "packing_format_for_cpu", False))
 
 
-def pack_for_cpu(weight: torch.Tensor, state: bnbf.QuantState) -> torch.Tensor:
-    """bitsandbytes' own repack (what `Linear4bit.forward` does at the first eval forward on an AVX512-BF16 CPU):
-    returns the packed weight and turns `state` into the packed one in place."""
+def pack_for_cpu(weight: torch.Tensor, state: bnbf.QuantState, block_n: int = 32) -> torch.Tensor:
+    """What bitsandbytes' repack (`_convert_weight_packed_for_cpu`, run by `Linear4bit.forward` at the first eval
+    forward on an AVX512-BF16 CPU) returns, byte for byte, and the same edits to `state` in place; the weight is
+    reordered in uint8 rather than through an int32 copy of the whole matrix (about twice as fast; tested equal).
+    For each group of `block_n` rows and pair of columns, byte m holds the code of row m // 2 (low nibble) and of
+    row block_n // 2 + m // 2 (high nibble), column m % 2 of the pair."""
+    n, k = state.shape
+    if weight.dtype != torch.uint8:
+        state.original_storage_type = weight.dtype
+        weight = weight.view(torch.uint8)
+    state.original_dtype, state.original_nested, state.original_qshape = state.dtype, state.nested, weight.shape
+    flat = weight.reshape(-1)
+    codes = torch.empty(n * k, dtype=torch.uint8, device=weight.device)
+    codes[0::2] = flat >> 4  # the standard layout: the first code of each pair in the high nibble
+    codes[1::2] = flat & 0xF
+    grouped = codes.view(n // block_n, block_n, k // 2, 2).transpose(1, 2).contiguous().view(-1, 2 * block_n)
+    packed = (grouped[:, block_n:] << 4).bitwise_or_(grouped[:, :block_n]).view(n, k // 2)
+    absmax = state.absmax
+    if state.nested:
+        absmax = bnbf.dequantize_blockwise(state.absmax, state.state2)
+        absmax += state.offset
+        absmax = absmax.float()
+        state.nested = False
+        del state.state2
+    state.absmax = absmax.reshape(n, k // state.blocksize).T.to(torch.bfloat16).contiguous()
+    state.dtype, state.packing_format_for_cpu = torch.bfloat16, True
+    return packed
+
+
+def pack_for_cpu_by_bitsandbytes(weight: torch.Tensor, state: bnbf.QuantState) -> torch.Tensor:
+    """bitsandbytes' own repack, for tests to hold `pack_for_cpu` to."""
     packed, _ = bnbf._convert_weight_packed_for_cpu(weight, state)
     return packed
 
