@@ -51,10 +51,12 @@ def test_placement_flags_reach_the_loader(tmp_path, capsys):
     expected = capsys.readouterr().out
     model = qopt.load(BUNDLED, quantization="nf4", progress=False)
     layer = qopt.weight_footprint(model.model.decoder.layers[0]).bytes
-    outside = qopt.weight_footprint(model).bytes - len(model.model.decoder.layers) * layer
-    cpu = outside + 2 * layer + layer // 2
+    # what the whole model needs with generate's budget (--context 16), less all but two and a half layers
+    whole = qopt.plan(BUNDLED, 4, {"cpu": 1 << 40}, context=16).used_bytes("cpu")
+    cpu = whole - (len(model.model.decoder.layers) - 2) * layer - layer // 2
+    assert "disk" in qopt.plan(BUNDLED, 4, {"cpu": cpu}, context=16).device_map.values()
     assert main(args + ["--device-map", "auto", "--max-memory", f"cpu={cpu}", "--offload-folder",
-                        str(tmp_path / "off")]) == 0
+                        str(tmp_path / "off"), "--context", "16"]) == 0
     assert capsys.readouterr().out == expected
     assert main(args + ["--device-map", "sideways"]) == 2
     assert "--device-map 'sideways'" in capsys.readouterr().err

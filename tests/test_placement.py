@@ -148,3 +148,19 @@ def test_the_cpu_layout_and_packed_head_terms_are_what_a_cpu_model_holds(checkpo
     assert result.packed_head_bytes == internals.onednn_nbytes(head) > 0
     assert result.used_bytes("cpu") == sum(result.weight_bytes.values()) + result.kv_cache_bytes["cpu"] + \
         result.activation_bytes + result.cpu_layout_bytes + result.packed_head_bytes
+
+
+def test_plan_creates_a_missing_offload_folder_and_says_when_a_folder_shadows_a_size_name(
+        checkpoint, tmp_path, capsys, caplog, monkeypatch):
+    folder = tmp_path / "new" / "offload"
+    budget = _fitting_budget(checkpoint, 1) - MIB
+    assert cli.main(["plan", str(checkpoint), "--cpu", f"{budget // 1024}KiB", "--context", "96",
+                     "--offload-folder", str(folder)]) == 0
+    assert folder.is_dir() and f"created offload folder {folder}" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "opt-125m").symlink_to(checkpoint)
+    with caplog.at_level(logging.WARNING, logger="qopt.place.plan"):
+        shadowed = plan("opt-125m", 4, {"cpu": "1GiB"}).parameters
+    assert "a folder of that name is here: planning it, not the built-in shape" in caplog.text
+    monkeypatch.chdir(folder)
+    assert shadowed < plan("opt-125m", 4, {"cpu": "1GiB"}).parameters  # elsewhere: the built-in 125M shape
