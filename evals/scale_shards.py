@@ -2,7 +2,7 @@
 so the Hub stand-in can serve a 60 GB model without a shard file on disk.
 
 Weights follow OPT's init (normal, std 0.02; LayerNorm weights 1, biases 0) in float16, under the key names
-transformers' OPTForCausalLM saves (`model.decoder.layers.N.self_attn.q_proj.weight`, ...; the tied `lm_head.weight`
+transformers' OPTForCausalLM saves ("model.decoder.layers.N.self_attn.q_proj.weight", ...; the tied `lm_head.weight`
 is not saved, as save_pretrained drops it). Each tensor's bytes come from chunks of 4 Mi values, each drawn from a
 torch generator seeded by (seed, shard, tensor, chunk), so any byte range is regenerated without the bytes before it.
 
