@@ -35,6 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "evals")]
+from bench_hub import disk_bytes  # noqa: E402  (bytes allocated under folders, links counted once)
 from hub_server import FakeHub, hub_environment  # noqa: E402
 
 SHAPES = {"30b": ("opt-30b", 7), "66b": ("opt-66b", 14)}
@@ -71,19 +72,6 @@ class Server:
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait(30)
-
-
-def disk_bytes(folders: list[Path]) -> int:
-    """Bytes allocated under the folders."""
-    total = 0
-    for folder in folders:
-        for dirpath, _, names in os.walk(folder):
-            for name in names:
-                try:
-                    total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
-                except FileNotFoundError:
-                    continue
-    return total
 
 
 DEADLINE = [float("inf")]  # time.time() by which every child must have finished (--deadline-min)

@@ -74,3 +74,20 @@ def tokenizer_dir():
     from qopt.bundled import bundled_tokenizer_dir
 
     return bundled_tokenizer_dir()
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    """A LoRA adapter for the bundled model whose update is not zero (B initialised at random)."""
+    import qopt
+    from qopt.bundled import bundled_model_dir
+
+    folder = tmp_path_factory.mktemp("adapter")
+    model = qopt.load(bundled_model_dir(), progress=False)
+    qopt.add_lora(model, qopt.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(std=0.2)
+    qopt.save_adapter(model, folder)
+    return folder

@@ -6,7 +6,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 import qopt
 from qopt.bundled import bundled_model_dir
@@ -14,19 +13,6 @@ from qopt.cli import main
 from qopt.errors import AdapterError
 
 BUNDLED = str(bundled_model_dir())
-
-
-@pytest.fixture(scope="module")
-def adapter(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("adapter")
-    model = qopt.load(BUNDLED, progress=False)
-    qopt.add_lora(model, qopt.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    torch.manual_seed(0)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(std=0.2)
-    qopt.save_adapter(model, folder)
-    return folder
 
 
 def _copy(folder, to):

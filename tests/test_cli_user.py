@@ -78,20 +78,6 @@ def test_default_dtype_is_auto_like_transformers_with_bf16_for_fp16_checkpoints_
 
 
 # -- adapters -------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def adapter(tmp_path_factory):
-    """A LoRA adapter for the bundled model whose update is not zero (B initialised at random)."""
-    folder = tmp_path_factory.mktemp("adapter")
-    model = qopt.load(BUNDLED, progress=False)
-    qopt.add_lora(model, qopt.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    torch.manual_seed(0)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(std=0.2)
-    qopt.save_adapter(model, folder)
-    return folder
-
-
 def test_generate_and_eval_apply_an_adapter(adapter, capsys):
     base = ["eval", "--windows", "1", "--bits", "16"]
     assert main(base) == 0
