@@ -1,5 +1,6 @@
 """The private bitsandbytes / torch internals behind their version check, the public fallback, the CPU layout
-built at load (and undone by train() and device moves), and the output head's packed copy kept between calls."""
+built by qopt's packer at the first eval forward (and undone by train() and device moves), and the output head's
+packed copy kept between calls."""
 from __future__ import annotations
 
 import subprocess
@@ -130,7 +131,7 @@ def test_the_cpu_layout_builder_equals_bitsandbytes_repack(quant_type, nested, s
     assert restored.dtype == storage and torch.equal(restored.view(torch.uint8), codes.view(torch.uint8))
 
 
-# -- no round trips; the CPU layout built at load ------------------------------------------------------------
+# -- no round trips; the CPU layout built by qopt ------------------------------------------------------------
 def test_loading_hands_the_quant_state_over_without_packing_it(monkeypatch):
     calls = {"as_dict": 0, "from_dict": 0}
     as_dict, from_dict = QuantState.as_dict, QuantState.from_dict.__func__
@@ -153,10 +154,11 @@ def test_loading_hands_the_quant_state_over_without_packing_it(monkeypatch):
 
 @AVX512BF16
 @pytest.mark.parametrize("precision", ["nf4", "nf4-dq", "fp4"])
-def test_the_cpu_layout_is_built_at_load_and_computes_as_the_lazy_repack(precision, monkeypatch, tmp_path):
+def test_qopts_packer_at_the_first_forward_computes_as_bitsandbytes_repack(precision, monkeypatch, tmp_path):
     model = load(precision)
-    assert all(packed(model))
+    assert not any(packed(model))  # a load holds the standard layout: packing there raised the load's peak
     eager = model.generate(PROMPT, max_new_tokens=8)
+    assert all(packed(model))  # qopt's uint8 packer, at the first eval forward without grad
     with torch.no_grad():
         eager_logits = model(PROMPT).logits
     model.save_pretrained(tmp_path / "eager")
@@ -230,6 +232,8 @@ def test_a_model_loaded_on_cpu_computes_on_the_gpu_after_to_cuda():
 def test_the_packed_head_is_kept_between_calls_and_counted(monkeypatch):
     model = load("nf4")
     head = model.lm_head
+    with torch.no_grad():
+        model(PROMPT)  # the 4-bit layers take the CPU kernel's layout at the first forward: counted apart
     before = weight_footprint(model).bytes
     first = model.generate(PROMPT, max_new_tokens=lean_forwards.PACK_HEAD_MIN_TOKENS)
     key, copy = getattr(head, lean_forwards.PACKED_HEAD_ATTRIBUTE)
@@ -248,6 +252,8 @@ def test_the_packed_head_is_kept_between_calls_and_counted(monkeypatch):
 def test_a_head_above_the_threshold_is_packed_per_call(monkeypatch):
     model = load("nf4")
     monkeypatch.setattr(lean_forwards, "PACKED_HEAD_CACHE_MAX_BYTES", model.lm_head.weight.nbytes - 1)
+    with torch.no_grad():
+        model(PROMPT)  # the 4-bit layers take the CPU kernel's layout at the first forward: counted apart
     before = weight_footprint(model).bytes
     model.generate(PROMPT, max_new_tokens=lean_forwards.PACK_HEAD_MIN_TOKENS)
     assert not hasattr(model.lm_head, lean_forwards.PACKED_HEAD_ATTRIBUTE)

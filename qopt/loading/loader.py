@@ -42,7 +42,6 @@ from ..place.ranks import check_one_device_per_rank
 from ..place.sizes import meta_model, placed_bytes
 from ..quant.config import QuantizationConfig
 from ..quant.modules import (
-    Linear4bit,
     bits_of,
     is_quantized,
     owning_module,
@@ -207,9 +206,6 @@ class _ShardLoader:
                       if owning_module(name, self.quantized) is None}
         self.required = {name: self._required_keys(name, m) for name, m in self.quantized.items()}
         self.pending: dict[str, dict[str, Any]] = {}  # quantized layer -> tensors (and quant state) ready so far
-        # without a GPU in the map the model computes on the CPU, in eval mode: build the 4-bit layout the CPU
-        # kernel reads now rather than at the first forward (where bitsandbytes would repack it)
-        self.pack_for_cpu = all(d in ("cpu", "disk") for d in placement.values())
         self.arrived: dict[str, set[str]] = {}  # quantized layer -> checkpoint keys seen so far
         self.loaded: set[str] = set()
         # weights this load keeps in host RAM (CPU and host-streamed layers), and how many are there so far
@@ -303,10 +299,7 @@ class _ShardLoader:
             for key, value in saved_layout(state).items():
                 self.stores[device].put(f"{owner}.{key}", value)
             return
-        module = set_quantized_state(self.quantized[owner], state, _torch_device(device),
-                                     source=f"{self.path}: {owner}")
-        if self.pack_for_cpu and isinstance(module, Linear4bit):
-            module.pack_for_cpu()
+        set_quantized_state(self.quantized[owner], state, _torch_device(device), source=f"{self.path}: {owner}")
 
     def finish(self) -> None:
         incomplete = [n for n in self.quantized if self.arrived.get(n) != self.required[n]]

@@ -116,7 +116,7 @@ def place(model: nn.Module, dtype: torch.dtype, device_map: Any = "auto", max_me
     kv_dtype = budget.kv_dtype(dtype, on_cpu) if budget else None
     kv_layer = kv_cache_bytes_per_layer(config, budget.context, budget.batch, kv_dtype) if budget else 0
     act = activation_bytes(config, budget.context, budget.batch, dtype) if budget else 0
-    # a CPU-only model is packed for the CPU kernel at load and generate keeps a packed head (when budgeted)
+    # a CPU-only model takes the CPU kernel's layout at its first forward and generate keeps a packed head
     result = Placement({}, kv_layer, kv_dtype, act, cpu_layout=on_cpu and cpu_repacks(),
                        packed_head_bytes=packed_head_bytes(model, dtype) if on_cpu and budget else 0)
     main = next((k for k in memory if k != "disk"), None)

@@ -27,7 +27,8 @@ class Linear4bit(bnb.nn.Linear4bit):
     with a bf16 copy (double-quant statistics dropped); bitsandbytes' own save then re-quantizes them, so its
     files change after a forward. This class keeps the quant state as quantized (`_statistics`, sharing its
     tensors) beside the packed weight, saves from it and undoes the weight's repack exactly, so a save after a
-    forward equals a save before it byte for byte. The loader builds the CPU layout at load (`pack_for_cpu`);
+    forward equals a save before it byte for byte. The first eval forward without grad builds the CPU layout with
+    qopt's leaner packer (`pack_for_cpu`), where bitsandbytes would repack;
     `train()` and device / dtype moves (`model.to(...)`, which bitsandbytes does not unpack) restore the
     standard layout first.
     """
@@ -35,6 +36,8 @@ class Linear4bit(bnb.nn.Linear4bit):
     _statistics: QuantState | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training and not x.requires_grad and x.device.type == "cpu":
+            self.pack_for_cpu()  # where bitsandbytes would repack now, with qopt's leaner packer
         self.remember_statistics()
         state = getattr(self.weight, "quant_state", None)
         bias = self.bias
@@ -108,7 +111,7 @@ class Linear4bit(bnb.nn.Linear4bit):
 # -- module-level helpers --------------------------------------------------------------------------------------
 def cpu_repacks() -> bool:
     """Whether 4-bit layers computing on this CPU hold the CPU kernel's layout (bitsandbytes repacks them for its
-    AVX512-BF16 kernel; qopt builds that layout at load)."""
+    AVX512-BF16 kernel; qopt builds that layout at the first eval forward)."""
     return internals.SUPPORTED and bool(has_avx512bf16())
 
 
