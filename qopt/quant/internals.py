@@ -4,10 +4,10 @@ qopt reaches past the public APIs in a few places, each for speed with the same 
 rounding bounds (fast quantizers), the CPU kernel's weight layout and its inverse (exact saves after a repack,
 qopt's own packer at the first forward), the CPU kernel's C function (lean decode), oneDNN's packed linear
 (output head) and `torch._int_mm` (LLM.int8 decode). None of these is a stable API: a minor release may rename
-or change them, and a wrong C prototype corrupts memory instead of raising. So they are used only on the versions the tests
-ran on (`TESTED_BITSANDBYTES`, `TESTED_TORCH`); elsewhere `SUPPORTED` is False, one line is logged at import,
-and qopt takes the public path: bitsandbytes' own quantizer and forward, with the CPU repack disabled so the
-weights stay in the standard layout and saved files are byte-identical.
+or change them, and a wrong C prototype corrupts memory instead of raising. So they are used only on the
+versions the tests ran on (`TESTED_BITSANDBYTES`, `TESTED_TORCH`); elsewhere `SUPPORTED` is False, one line is
+logged at import, and qopt takes the public path: bitsandbytes' own quantizer and forward, with the CPU repack
+disabled so the weights stay in the standard layout and saved files are byte-identical.
 """
 from __future__ import annotations
 
