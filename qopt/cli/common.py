@@ -123,17 +123,14 @@ def parse_max_memory(items: list[str] | None) -> dict[int | str, int] | None:
     return memory
 
 
-def generation_budget(args: argparse.Namespace, where: dict[str, Any], model: str, context: int,
-                      batch: int = 1) -> dict[str, int]:
+def generation_budget(args: argparse.Namespace, where: dict[str, Any], context: int | None,
+                      batch: int = 1) -> dict[str, int | None]:
     """`qopt.load`'s `context` / `batch` for a planned map (`where`: from `placement`): --context, else what the
-    command needs, capped at the model's positions; nothing for a single device, which plans nothing."""
+    command needs (None: the model's positions, which the load reads from config.json itself); nothing for a
+    single device, which plans nothing."""
     if where["device_map"] not in STRATEGIES:
         return {}
-    if args.context is not None:
-        return {"context": args.context, "batch": batch}
-    from ..place.plan import config_for
-
-    return {"context": min(context, config_for(model)[0].max_position_embeddings), "batch": batch}
+    return {"context": args.context if args.context is not None else context, "batch": batch}
 
 
 def placement(args: argparse.Namespace) -> dict[str, Any]:

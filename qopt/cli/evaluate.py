@@ -80,9 +80,9 @@ def run(args: argparse.Namespace) -> int:
     options = {"placement": {k: v for k, v in where.items() if k != "torch_dtype"},
                "adapter": args.adapter, "check_base": not args.ignore_base, "load_progress": show_bars()}
     if args.check:  # the window length is the baseline's: only an explicit --context is reserved
-        options["placement"].update(generation_budget(args, where, "", 0) if args.context else {})
+        options["placement"].update(generation_budget(args, where, None) if args.context else {})
     else:  # one window at a time, of --seqlen tokens (default: the model's positions)
-        options["placement"].update(generation_budget(args, where, model_path(args.model), args.seqlen or 1 << 30))
+        options["placement"].update(generation_budget(args, where, args.seqlen))
     overrides = _tolerance_overrides(args)
     if args.check:
         given = [f"--{k.replace('_', '-')}" for k in ("compare", "bits", "quant_type", "double_quant", "seqlen",

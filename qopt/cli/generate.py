@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     if folder is not None:  # the prompt's length is known before the load
         check_positions(folder, prompt_tokens, args.max_new_tokens)
     rows = max(1, args.num_beams)  # beam search decodes a row per beam
-    budget = generation_budget(args, where, path, prompt_tokens + args.max_new_tokens, rows)
+    budget = generation_budget(args, where, prompt_tokens + args.max_new_tokens, rows)
     model = qopt.load(path, quantization=quantization, progress=show_bars(), **where, **budget, **hub_options(args))
     if args.adapter:
         qopt.load_adapter(model, args.adapter, check_base=not args.ignore_base)

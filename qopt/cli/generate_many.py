@@ -68,8 +68,7 @@ def run_many(args: argparse.Namespace) -> int:
     if folder is not None:  # the longest prompt is known before the load
         longest = max(range(len(ids)), key=lambda i: len(ids[i]))
         check_positions(folder, len(ids[longest]), args.max_new_tokens, f"prompt {longest + 1} of --prompts-file")
-    budget = generation_budget(args, where, path, max(map(len, ids), default=1) + args.max_new_tokens,
-                               args.batch_size)
+    budget = generation_budget(args, where, max(map(len, ids), default=1) + args.max_new_tokens, args.batch_size)
     model = qopt.load(path, quantization=preset(args), progress=show_bars(), **where, **budget)
     if args.adapter:
         qopt.load_adapter(model, args.adapter, check_base=not args.ignore_base)
