@@ -164,3 +164,27 @@ def test_plan_creates_a_missing_offload_folder_and_says_when_a_folder_shadows_a_
     assert "a folder of that name is here: planning it, not the built-in shape" in caplog.text
     monkeypatch.chdir(folder)
     assert shadowed < plan("opt-125m", 4, {"cpu": "1GiB"}).parameters  # elsewhere: the built-in 125M shape
+
+
+def test_perplexity_reserves_what_scoring_a_window_holds(checkpoint, monkeypatch):
+    """`all_logits` (eval) reserves the window's logits and one chunk of fp32 log-probabilities: the logits a
+    forward returns and the chunk perplexity scores, measured on the loaded model."""
+    from qopt.evaluation import perplexity
+    from qopt.place.sizes import LOGIT_CHUNK_ROWS, scoring_bytes
+
+    config = config_for(checkpoint)[0]
+    generating = plan(checkpoint, 4, {"cpu": "1GiB"}, context=96)
+    scoring = plan(checkpoint, 4, {"cpu": "1GiB"}, context=96, all_logits=True)
+    assert scoring.activation_bytes - generating.activation_bytes == \
+        scoring_bytes(config, 96, scoring.dtype) - config.vocab_size * 4
+    model = qopt.load(checkpoint, quantization="nf4", device_map=scoring, progress=False)
+    logits = model(torch.randint(4, 100, (1, 96))).logits
+    held = logits.numel() * logits.element_size()
+    chunks = []
+    real = torch.nn.functional.log_softmax
+    monkeypatch.setattr(perplexity.F, "log_softmax", lambda x, dim: chunks.append(x) or real(x, dim=dim))
+    perplexity._Totals().add_window(logits[0, :-1], torch.randint(4, 100, (95,)), None)
+    chunk = chunks[0].numel() * 4 * (1 + (logits.dtype != torch.float32))  # its fp32 copy (if any) and log-probs
+    assert chunks[0].shape[0] == min(LOGIT_CHUNK_ROWS, 95)
+    assert scoring_bytes(config, 96, scoring.dtype) >= held + chunk
+    assert scoring_bytes(config, 96, scoring.dtype) - (held + chunk) <= 2 * config.vocab_size * 4  # one row each

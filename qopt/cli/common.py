@@ -124,13 +124,14 @@ def parse_max_memory(items: list[str] | None) -> dict[int | str, int] | None:
 
 
 def generation_budget(args: argparse.Namespace, where: dict[str, Any], context: int | None,
-                      batch: int = 1) -> dict[str, int | None]:
+                      batch: int = 1, all_logits: bool = False) -> dict[str, Any]:
     """`qopt.load`'s `context` / `batch` for a planned map (`where`: from `placement`): --context, else what the
     command needs (None: the model's positions, which the load reads from config.json itself); nothing for a
-    single device, which plans nothing."""
+    single device, which plans nothing. `all_logits`: perplexity scores every position of a window."""
     if where["device_map"] not in STRATEGIES:
         return {}
-    return {"context": args.context if args.context is not None else context, "batch": batch}
+    budget = {"context": args.context if args.context is not None else context, "batch": batch}
+    return {**budget, "all_logits": True} if all_logits else budget
 
 
 def placement(args: argparse.Namespace) -> dict[str, Any]:

@@ -80,9 +80,10 @@ def run(args: argparse.Namespace) -> int:
     options = {"placement": {k: v for k, v in where.items() if k != "torch_dtype"},
                "adapter": args.adapter, "check_base": not args.ignore_base, "load_progress": show_bars()}
     if args.check:  # the window length is the baseline's: only an explicit --context is reserved
-        options["placement"].update(generation_budget(args, where, None) if args.context else {})
+        if args.context:
+            options["placement"].update(generation_budget(args, where, None, all_logits=True))
     else:  # one window at a time, of --seqlen tokens (default: the model's positions)
-        options["placement"].update(generation_budget(args, where, args.seqlen))
+        options["placement"].update(generation_budget(args, where, args.seqlen, all_logits=True))
     overrides = _tolerance_overrides(args)
     if args.check:
         given = [f"--{k.replace('_', '-')}" for k in ("compare", "bits", "quant_type", "double_quant", "seqlen",

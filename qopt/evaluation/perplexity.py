@@ -25,9 +25,9 @@ from tqdm.auto import tqdm
 from ..bundled import wikitext2_test_path
 from ..model.network import input_device
 from ..model.tokenizer import OPTTokenizer
+from ..place.sizes import LOGIT_CHUNK_ROWS
 
 WIKITEXT_JOIN = "\n\n"
-_CHUNK = 512  # positions scored at a time, so fp32 log-probabilities of a long window never coexist in full
 
 
 def wikitext_join(raw: str) -> str:
@@ -152,8 +152,8 @@ class _Totals:
 
     def add_window(self, logits: torch.Tensor, labels: torch.Tensor, ref_logits: torch.Tensor | None) -> None:
         """Score positions whose next token is a label: logits (L-1, V) predict labels (L-1,)."""
-        for start in range(0, labels.shape[0], _CHUNK):
-            part = slice(start, start + _CHUNK)
+        for start in range(0, labels.shape[0], LOGIT_CHUNK_ROWS):
+            part = slice(start, start + LOGIT_CHUNK_ROWS)
             logp = F.log_softmax(logits[part].float(), dim=-1)
             target = labels[part].to(logp.device)
             self.nll -= logp.gather(-1, target[:, None]).double().sum().item()

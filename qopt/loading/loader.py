@@ -90,9 +90,10 @@ def load(path: str | os.PathLike, *, quantization: Any = None, quantization_conf
          torch_dtype: str | torch.dtype | None = "auto", dtype: str | torch.dtype | None = None,
          device_map: Any = None, max_memory: dict[Any, Any] | None = None,
          offload_folder: str | os.PathLike | None = None, stream_from_host: bool = False,
-         context: int | None = None, batch: int | None = None, model_class: type[OPTPreTrainedModel] = OPTForCausalLM,
-         progress: bool = True, revision: str | None = None, token: str | bool | None = None,
-         cache_dir: str | os.PathLike | None = None, local_files_only: bool = False, keep_download: bool = True,
+         context: int | None = None, batch: int | None = None, all_logits: bool = False,
+         model_class: type[OPTPreTrainedModel] = OPTForCausalLM, progress: bool = True, revision: str | None = None,
+         token: str | bool | None = None, cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
+         keep_download: bool = True,
          **config_overrides: Any) -> OPTPreTrainedModel:
     """Load a local HF OPT checkpoint folder, optionally quantizing it on the fly; returns the model in eval mode.
 
@@ -107,7 +108,8 @@ def load(path: str | os.PathLike, *, quantization: Any = None, quantization_conf
     over for each forward, once per pass layer-major; map value "host"), instead of being computed by the CPU.
     `context` / `batch`: the generation budget a planned map keeps free beside the weights (each layer's KV cache
     for `batch` sequences of `context` tokens, activations, the caches of offloaded layers on the main device),
-    as `qopt.plan` counts it; without them nothing is reserved (as in transformers). A `MemoryPlan` as
+    as `qopt.plan` counts it; without them nothing is reserved (as in transformers); `all_logits`: the budget
+    scores every position of a window (perplexity) instead of generating. A `MemoryPlan` as
     `device_map` loads the plan's map (its limits, strategy and budget).
 
     `path` is a checkpoint folder or a Hub id (`facebook/opt-125m`; `revision`, `token`, `cache_dir`,
@@ -127,7 +129,8 @@ def load(path: str | os.PathLike, *, quantization: Any = None, quantization_conf
                                                 config, str(path))
     check_one_device_per_rank(device_map)
     model, dtype, placement = placed_model(config, quant, dtype if dtype is not None else torch_dtype, device_map,
-                                           max_memory, context, batch, stream_from_host, model_class, str(path))
+                                           max_memory, context, batch, stream_from_host, model_class, str(path),
+                                           all_logits)
     check_devices_exist(placement, str(path))
     check_offloadable(placement)
     offload = _offload_target(model, dtype, placement, offload_folder, path)
@@ -355,22 +358,25 @@ def dispatch(model: OPTPreTrainedModel, placement: DeviceMap, offload: OffloadFo
 def placed_model(config: OPTConfig, quant: QuantizationConfig | None, torch_dtype: str | torch.dtype | None,
                  device_map: Any, max_memory: dict[Any, Any] | None, context: int | None, batch: int | None,
                  stream_from_host: bool = False, model_class: type[OPTPreTrainedModel] = OPTForCausalLM,
-                 source: str = "model") -> tuple[OPTPreTrainedModel, torch.dtype, DeviceMap]:
+                 source: str = "model", all_logits: bool = False
+                 ) -> tuple[OPTPreTrainedModel, torch.dtype, DeviceMap]:
     """The meta model, its unquantized dtype and its device map, exactly as `load` computes them (and as
     `qopt.plan` does with the same limits and budget), before any weight is read."""
     if isinstance(device_map, MemoryPlan):
         device_map, max_memory, budget = _from_plan(device_map, config, source)
     else:
-        budget = _budget(context, batch, config, source)
+        budget = _budget(context, batch, config, source, all_logits)
     dtype = resolve_dtype(torch_dtype, config, computes_on_cpu(device_map, max_memory))
     model = meta_model(config, quant, model_class)
     return model, dtype, place(model, dtype, device_map, max_memory, budget, stream_from_host, source).device_map
 
 
-def _budget(context: int | None, batch: int | None, config: OPTConfig, source: str) -> GenerationBudget | None:
+def _budget(context: int | None, batch: int | None, config: OPTConfig, source: str, all_logits: bool = False
+            ) -> GenerationBudget | None:
     if context is None and batch is None:
         return None
-    budget = GenerationBudget(config.max_position_embeddings if context is None else context, batch or 1)
+    budget = GenerationBudget(config.max_position_embeddings if context is None else context, batch or 1,
+                              all_logits)
     budget.check(config, source)
     return budget
 
@@ -384,7 +390,8 @@ def _from_plan(memory_plan: MemoryPlan, config: OPTConfig, source: str
         raise PlanError(f"{source}: the plan ({memory_plan.label}) places {layers} decoder layers, config.json "
                         f"declares {config.num_hidden_layers}; plan this model")
     limits = {int(k) if k.isdigit() else k: v for k, v in memory_plan.limits.items()}
-    return dict(memory_plan.device_map), limits, GenerationBudget(memory_plan.context, memory_plan.batch)
+    return dict(memory_plan.device_map), limits, GenerationBudget(memory_plan.context, memory_plan.batch,
+                                                                  memory_plan.all_logits)
 
 
 def _config_field(key: str) -> str:

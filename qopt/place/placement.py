@@ -69,10 +69,12 @@ def resolve_dtype(torch_dtype: str | torch.dtype | None, config: OPTConfig, on_c
 
 @dataclass(frozen=True)
 class GenerationBudget:
-    """What generation keeps beside the weights: `batch` sequences of up to `context` tokens each."""
+    """What generation keeps beside the weights: `batch` sequences of up to `context` tokens each;
+    `all_logits` when every position is scored (perplexity) rather than only the last one."""
 
     context: int
     batch: int = 1
+    all_logits: bool = False
 
     def check(self, config: OPTConfig, source: str) -> None:
         if self.context < 1 or self.batch < 1:
@@ -115,7 +117,7 @@ def place(model: nn.Module, dtype: torch.dtype, device_map: Any = "auto", max_me
     on_cpu = not any(isinstance(k, int) for k in memory)
     kv_dtype = budget.kv_dtype(dtype, on_cpu) if budget else None
     kv_layer = kv_cache_bytes_per_layer(config, budget.context, budget.batch, kv_dtype) if budget else 0
-    act = activation_bytes(config, budget.context, budget.batch, dtype) if budget else 0
+    act = activation_bytes(config, budget.context, budget.batch, dtype, budget.all_logits) if budget else 0
     # a CPU-only model takes the CPU kernel's layout at its first forward and generate keeps a packed head
     result = Placement({}, kv_layer, kv_dtype, act, cpu_layout=on_cpu and cpu_repacks(),
                        packed_head_bytes=packed_head_bytes(model, dtype) if on_cpu and budget else 0)

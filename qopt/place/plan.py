@@ -95,6 +95,7 @@ class MemoryPlan:
     packed_head_bytes: int = 0  # on the CPU: the output head's oneDNN copy that generate keeps
     quant_type: str = ""  # "nf4" / "fp4" for 4-bit plans: spelled out by `flags()`
     double_quant: bool = False
+    all_logits: bool = False  # planned for scoring every position (perplexity), not for generation
 
     @property
     def main_device(self) -> str:
@@ -229,16 +230,16 @@ class MemoryPlan:
 
 def plan(source: OPTConfig | str | os.PathLike, bits: int = 4, max_memory: dict[Any, Any] | None = None,
          context: int | None = None, batch: int = 1, *, quant_type: str = "nf4", double_quant: bool = False,
-         dtype: str | torch.dtype | None = "auto", strategy: str = "auto", stream_from_host: bool = False
-         ) -> MemoryPlan:
+         dtype: str | torch.dtype | None = "auto", strategy: str = "auto", stream_from_host: bool = False,
+         all_logits: bool = False) -> MemoryPlan:
     """The memory plan for a model (config, folder or size name) at a bit width, before any weight is read: the
     placement `qopt.load` computes with the same limits and `context=` / `batch=` (`flags()` spells them).
     `context` defaults to min(2048, the model's positions); `dtype` is resolved as `load` resolves it ("auto":
     the checkpoint's). `stream_from_host`: the decoder layers planned for the CPU stay in its RAM but run on the
-    GPU ("host")."""
+    GPU ("host"). `all_logits`: plan for perplexity (every position of a window scored) rather than generation."""
     config, label = config_for(source)
     quant = QuantizationConfig.from_bits(bits, quant_type, double_quant)  # as `--bits` loads (bf16 compute)
-    budget = GenerationBudget(default_context(config) if context is None else context, batch)
+    budget = GenerationBudget(default_context(config) if context is None else context, batch, all_logits)
     budget.check(config, label)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
@@ -250,7 +251,8 @@ def plan(source: OPTConfig | str | os.PathLike, bits: int = 4, max_memory: dict[
     result = MemoryPlan(label, quant.name if quant else "16-bit", dtype, budget.context, budget.batch, device_map,
                         {str(k): v for k, v in memory.items()}, activation_bytes=placement.activation_bytes,
                         parameters=_parameter_count(model), strategy=strategy, kv_dtype=placement.kv_dtype,
-                        quant_type=quant_type if bits == 4 else "", double_quant=bits == 4 and double_quant)
+                        quant_type=quant_type if bits == 4 else "", double_quant=bits == 4 and double_quant,
+                        all_logits=all_logits)
     sizes = compute_module_sizes(sizing_view(model, dtype), dtype=dtype)
     main = str(next(iter(memory)))
     for name, device in device_map.items():

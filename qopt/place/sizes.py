@@ -101,18 +101,32 @@ def kv_cache_bytes_per_layer(config: OPTConfig, context: int, batch: int, dtype:
     return 2 * batch * context * config.hidden_size * torch.empty(0, dtype=dtype).element_size()
 
 
-def activation_bytes(config: OPTConfig, context: int, batch: int, dtype: torch.dtype) -> int:
+LOGIT_CHUNK_ROWS = 512  # positions perplexity scores at a time, so fp32 log-probabilities never span a long window
+
+
+def scoring_bytes(config: OPTConfig, context: int, dtype: torch.dtype) -> int:
+    """What scoring every position of one window adds (perplexity): its logits in the model dtype, and for one
+    chunk of `LOGIT_CHUNK_ROWS` positions their fp32 copy and fp32 log-probabilities."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    rows = min(LOGIT_CHUNK_ROWS, context)
+    return context * config.vocab_size * size + (1 + (size != 4)) * rows * config.vocab_size * 4
+
+
+def activation_bytes(config: OPTConfig, context: int, batch: int, dtype: torch.dtype, all_logits: bool = False
+                     ) -> int:
     """Peak working memory of one prefill of batch x context tokens (an estimate, not a measurement).
 
     The larger of the attention stage (residual, normed input, q, k, v, output: 6 hidden-sized tensors, plus the
     batch x heads x context^2 score matrix of a non-fused attention kernel) and the MLP stage (residual and
-    normed input, fc1's output and its activation), plus fp32 logits for the last position.
+    normed input, fc1's output and its activation), plus the logits: fp32 for the last position of each
+    sequence when generating, every position of one window when scoring (`all_logits`, `scoring_bytes`).
     """
     size = torch.empty(0, dtype=dtype).element_size()
     tokens = batch * context
     attention = 6 * tokens * config.hidden_size * size + batch * config.num_attention_heads * context ** 2 * size
     mlp = 2 * tokens * config.hidden_size * size + 2 * tokens * config.ffn_dim * size
-    return max(attention, mlp) + batch * config.vocab_size * 4
+    logits = scoring_bytes(config, context, dtype) if all_logits else batch * config.vocab_size * 4
+    return max(attention, mlp) + logits
 
 
 def meta_model(config: OPTConfig, quantization: QuantizationConfig | None, model_class: type | None = None
