@@ -188,3 +188,22 @@ def test_perplexity_reserves_what_scoring_a_window_holds(checkpoint, monkeypatch
     assert chunks[0].shape[0] == min(LOGIT_CHUNK_ROWS, 95)
     assert scoring_bytes(config, 96, scoring.dtype) >= held + chunk
     assert scoring_bytes(config, 96, scoring.dtype) - (held + chunk) <= 2 * config.vocab_size * 4  # one row each
+
+
+def test_qopt_eval_places_the_plan_for_scoring(checkpoint, tmp_path, caplog):
+    """Scoring a window keeps its logits: at a budget where that moves layers to disk, `qopt eval` places the
+    map of `plan(..., all_logits=True)`, not the generation plan's (both in bf16, as `--bits 4` computes here)."""
+    def planned(cpu, **kwargs):
+        return plan(checkpoint, 4, {"cpu": cpu}, context=96, dtype=torch.bfloat16, **kwargs)
+
+    budget = planned(1 << 40).used_bytes("cpu")
+    while not planned(budget).fits:
+        budget += MIB // 4
+    budget += planned("1GiB", all_logits=True).activation_bytes - planned("1GiB").activation_bytes - MIB
+    scoring = planned(budget, all_logits=True)  # generation still fits whole; scoring needs the disk
+    assert _layers_on(scoring.device_map, "disk") and not _layers_on(planned(budget).device_map, "disk")
+    with caplog.at_level(logging.INFO, logger="qopt.loading.loader"):
+        assert cli.main(["eval", str(checkpoint), "--bits", "4", "--seqlen", "96", "--windows", "1", "--device-map",
+                         "auto", "--max-memory", f"cpu={budget}", "--offload-folder", str(tmp_path / "offload")]) == 0
+    placed = next(r.getMessage() for r in caplog.records if "placement:" in r.getMessage())
+    assert placed.endswith("placement: " + "; ".join(summarize(scoring.device_map)))
