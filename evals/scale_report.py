@@ -44,8 +44,10 @@ def _load_rows(part: dict, disk_extra: int = 0) -> list[dict]:
     host = download.get("peak_host_bytes")
     if host and "VmHWM" in load:
         hwm = load["VmHWM"] - part["base"]["VmRSS"]
+        # a bound, not an estimate: the kernel reclaims the mapped shard's file pages under memory pressure, so
+        # how many stay resident depends on the RAM left beside the model (all of them on a roomy machine)
         rows.append(_row("VmHWM above post-import vs plan's peak host RAM (anonymous + the mapped shard)", hwm,
-                         host, "within 15% (estimate)", _within(hwm, host, ESTIMATE)))
+                         host, "<= plan (file pages are reclaimable)", hwm <= host))
     rows.append(_row("load throughput", load["mparams_per_s"], None, "report", None, "Mparam/s"))
     rows.append(_row("load wall time", load["seconds"], None, "report", None, "s"))
     return rows
