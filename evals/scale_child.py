@@ -11,7 +11,6 @@ is what must fit.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import sys
@@ -216,15 +215,14 @@ def part_reload(folder: str, parts: list[str]) -> dict:
 def part_offload(repo: str, shape: str, offload_dir: str, cpu: str) -> dict:
     sampler = Sampler()
     sampler.start()
-    batch = 8
-    memory = qopt.plan(shape, 4, {"cpu": cpu}, context=WINDOW, batch=batch)
+    # the run's budget: perplexity scores micro-batches of WINDOWS windows of WINDOW tokens (all logits); the
+    # KV cache of generate_many's 8 rows of PROMPT + NEW_TOKENS tokens is smaller than theirs would be
+    budget = dict(context=WINDOW, batch=WINDOWS, all_logits=True)
+    memory = qopt.plan(shape, 4, {"cpu": cpu}, **budget)
     kwargs: dict = dict(quantization="nf4", keep_download=False, device_map="auto", max_memory={"cpu": cpu},
-                        offload_folder=offload_dir, progress=False)
-    budget = "context" in inspect.signature(qopt.load).parameters
-    if budget:
-        kwargs.update(context=WINDOW, batch=batch)
+                        offload_folder=offload_dir, progress=False, **budget)
     out: dict = {"plan": plan_dict(memory), "download_plan": download_prediction(repo, memory),
-                 "load_budget_arguments": budget, "base": sampler.base}
+                 "load_budget": budget, "base": sampler.base}
     sampler.phase()
     began = time.perf_counter()
     model = qopt.load(repo, **kwargs)

@@ -174,6 +174,25 @@ def test_qopts_packer_at_the_first_forward_computes_as_bitsandbytes_repack(preci
 
 
 @AVX512BF16
+def test_the_packers_temporaries_go_back_to_the_os_every_trim_threshold(monkeypatch):
+    """glibc keeps freed heap resident; the first forward's repack trims it each TRIM_EVERY_BYTES of temporaries
+    (counted per weight), so a CPU model holds its layout, not the packer's leftovers."""
+    from qopt import utils
+
+    trims = []
+    monkeypatch.setattr(utils, "_TRIM", trims.append)
+    monkeypatch.setattr(utils, "_FREED", [0])
+    monkeypatch.setattr(utils, "TRIM_EVERY_BYTES", 1 << 20)
+    model = load("nf4")
+    with torch.no_grad():
+        model(PROMPT)
+    freed = sum(internals.packing_temporary_bytes(m.weight.quant_state) for m in linears4(model))
+    assert all(packed(model))
+    assert 1 <= len(trims) <= freed // (1 << 20) and all(arg == 0 for arg in trims)
+    assert utils._FREED[0] < 1 << 20  # what was counted since the last trim stays below the threshold
+
+
+@AVX512BF16
 def test_train_restores_the_standard_layout(tmp_path):
     model = load("nf4-dq")
     reference = saved(model)

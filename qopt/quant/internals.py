@@ -71,6 +71,13 @@ def is_cpu_packed(state: bnbf.QuantState | None) -> bool:
     return bool(getattr(state, "packing_format_for_cpu", False))
 
 
+def packing_temporary_bytes(state: bnbf.QuantState) -> int:
+    """Bytes `pack_for_cpu` (or undoing it) allocates and frees for one weight: the unpacked codes and their
+    reordered copy (a byte each), the standard weight it replaces and a shifted half (half a byte each)."""
+    n, k = state.shape
+    return 3 * n * k
+
+
 def pack_for_cpu(weight: torch.Tensor, state: bnbf.QuantState, block_n: int = 32) -> torch.Tensor:
     """What bitsandbytes' repack (`_convert_weight_packed_for_cpu`, run by `Linear4bit.forward` at the first eval
     forward on an AVX512-BF16 CPU) returns, byte for byte, and the same edits to `state` in place; the weight is

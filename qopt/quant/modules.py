@@ -15,6 +15,7 @@ from bitsandbytes.functional import QuantState, dequantize_4bit, has_avx512bf16,
 from torch import nn
 
 from ..errors import CheckpointError
+from ..utils import release_freed_heap
 from . import internals, quantizers
 from .config import QuantizationConfig
 from .formats import BLOCKSIZE, INT8_ROW_FORMAT, SAVED_INT8_KEYS, saved_4bit_keys
@@ -74,6 +75,7 @@ class Linear4bit(bnb.nn.Linear4bit):
             return False
         self.remember_statistics()
         self.weight.data = internals.pack_for_cpu(self.weight.data, state)
+        release_freed_heap(internals.packing_temporary_bytes(state))
         return True
 
     def restore_standard_layout(self) -> None:
@@ -87,6 +89,7 @@ class Linear4bit(bnb.nn.Linear4bit):
             _, self._statistics = internals.unpack(self.weight.data, state)
         self.weight.data, self.weight.quant_state = weight, self._statistics
         self.quant_state, self._statistics = self._statistics, None
+        release_freed_heap(internals.packing_temporary_bytes(self.quant_state))
 
     def train(self, mode: bool = True) -> Linear4bit:
         if mode:
