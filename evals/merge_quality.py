@@ -4,7 +4,7 @@ Usage:  python evals/merge_quality.py BASE ADAPTER [--windows 40] [--eval-data F
 
 One process: the unmerged adapter model is loaded once (its base as it was trained, read from the adapter's
 qopt checkpoint), base and adapter NLLs are measured once per text, then each merge is built
-(`qopt.evaluation.merge.merged_model`), saved, loaded back and scored against the adapter model: NLL,
+(`qopt.evaluation.merge_quality.merged_model`), saved, loaded back and scored against the adapter model: NLL,
 KL(adapter model || merged) and the share of the adapter's gain over the base that the merge lost. Texts:
 WikiText-2 test (`--windows` windows of the model's context) and, with `--eval-data`, held-out text of the
 adapter's own task. `qopt merge` measures one merge the same way.
@@ -26,12 +26,12 @@ def main() -> None:
     ap.add_argument("--eval-data", help="held-out text of the adapter's task, measured beside WikiText-2")
     args = ap.parse_args()
     import qopt
-    from qopt.evaluation.merge import _adapter_model, adapter_nlls, merged_model, training_quantization
+    from qopt.evaluation.merge_quality import MergeQuality, adapter_nlls, merged_model
     from qopt.evaluation.perplexity import evaluate_perplexity
-    from qopt.finetuning.merge import MergeQuality
+    from qopt.finetuning.merge import load_adapter_model, training_quantization
 
     quant = training_quantization(args.adapter)
-    unmerged = _adapter_model(args.base, args.adapter, quant, progress=False)
+    unmerged = load_adapter_model(args.base, args.adapter, quant, progress=False)
     texts = {"WikiText-2 test": None}
     if args.eval_data:
         texts[Path(args.eval_data).name] = Path(args.eval_data).read_text(encoding="utf-8")

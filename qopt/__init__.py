@@ -32,7 +32,6 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("LoraConfig", "add_lora", "delete_adapter", "disable_adapters", "set_adapter", "unload"),
                     "finetuning.lora"),
     **dict.fromkeys(("FinetunePlan", "plan_finetune"), "finetuning.plan"),
-    "MergeQuality": "finetuning.merge",
     **dict.fromkeys(("load_adapter", "save_adapter"), "finetuning.adapters"),
     **dict.fromkeys(("TrainingArguments", "train"), "finetuning.trainer"),
     **dict.fromkeys(("finetune", "prepare_for_kbit_training"), "finetuning.recipe"),
@@ -42,8 +41,8 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("PerplexityResult", "evaluate_perplexity"), "evaluation.perplexity"),
     "ComparisonReport": "evaluation.report", "weight_footprint": "evaluation.footprint",
     "compare_precisions": "evaluation.compare",
-    # merge_and_unload lives with the measuring code: measure=True scores the merge on WikiText-2
-    **dict.fromkeys(("MergeResult", "merge_adapter", "merge_and_unload"), "evaluation.merge"),
+    # the merge itself is finetuning.merge's; merge_and_unload lives with the measuring code (measure=True)
+    **dict.fromkeys(("MergeQuality", "MergeResult", "merge_adapter", "merge_and_unload"), "evaluation.merge_quality"),
 }
 __all__ = sorted(_EXPORTS)
 
@@ -100,12 +99,11 @@ if TYPE_CHECKING:  # what static tools see; at run time the names arrive through
     )
     from .evaluation.compare import compare_precisions
     from .evaluation.footprint import weight_footprint
-    from .evaluation.merge import MergeResult, merge_adapter, merge_and_unload
+    from .evaluation.merge_quality import MergeQuality, MergeResult, merge_adapter, merge_and_unload
     from .evaluation.perplexity import PerplexityResult, evaluate_perplexity
     from .evaluation.report import ComparisonReport
     from .finetuning.adapters import load_adapter, save_adapter
     from .finetuning.lora import LoraConfig, add_lora, delete_adapter, disable_adapters, set_adapter, unload
-    from .finetuning.merge import MergeQuality
     from .finetuning.plan import FinetunePlan, plan_finetune
     from .finetuning.recipe import finetune, prepare_for_kbit_training
     from .finetuning.trainer import TrainingArguments, train

@@ -16,10 +16,10 @@ from qopt.finetuning.lora import (
     add_lora,
     delete_adapter,
     disable_adapters,
-    merge_and_unload,
     set_adapter,
     unload,
 )
+from qopt.finetuning.merge import merge_into_base
 from qopt.quant.config import QuantizationConfig
 from qopt.quant.modules import quantize_model
 
@@ -175,7 +175,7 @@ def test_merge_into_full_precision_weights_is_exact(hf_checkpoint):
     layer = model.model.decoder.layers[1].fc1
     exact = layer.base_layer.weight.detach().clone() + layer.delta_weight("default")
     with_adapter = logits(model, ids)
-    report = merge_and_unload(model)
+    report = merge_into_base(model)
     assert type(model.model.decoder.layers[1].fc1) is torch.nn.Linear
     assert torch.equal(model.model.decoder.layers[1].fc1.weight, exact)
     assert len(report.max_abs_error) == 4 and report.worst_abs_error == 0.0 and report.worst_rel_error == 0.0
@@ -203,7 +203,7 @@ def test_merge_into_a_quantized_base_requantizes_and_reports_error(hf_checkpoint
     torch.manual_seed(0)
     add_lora(model, LoraConfig(r=4, lora_alpha=32, init_lora_weights=False))
     with_adapter = logits(model, ids)
-    report = merge_and_unload(model)
+    report = merge_into_base(model)
     q_proj = model.model.decoder.layers[0].self_attn.q_proj
     if kind == "nf4":
         assert isinstance(q_proj, bnb.nn.Linear4bit) and q_proj.weight.quant_type == "nf4"

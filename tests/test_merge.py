@@ -7,11 +7,11 @@ import torch
 
 import qopt
 from qopt.cli.main import main
-from qopt.evaluation.merge import merge_adapter, training_quantization
+from qopt.evaluation.merge_quality import MergeQuality, merge_adapter
 from qopt.evaluation.perplexity import text_ids
 from qopt.finetuning.data import LMBlocks
 from qopt.finetuning.lora import LoraConfig, add_lora
-from qopt.finetuning.merge import MergeQuality, merge_into_float
+from qopt.finetuning.merge import merge_into_float, training_quantization
 from qopt.finetuning.recipe import prepare_for_kbit_training
 from qopt.finetuning.trainer import TrainingArguments, train
 from tests.conftest import save_random_opt

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     start_load(args, args.base)
     import torch
 
-    from ..evaluation.merge import merge_adapter
+    from ..evaluation.merge_quality import merge_adapter
 
     text = Path(args.calibration_data).read_text(encoding="utf-8") if args.calibration_data else None
     eval_text = Path(args.eval_data).read_text(encoding="utf-8") if args.eval_data else None

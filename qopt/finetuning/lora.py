@@ -1,10 +1,10 @@
-"""LoRA layers around any Linear (plain or bitsandbytes), their injection into a model, switching and merging.
+"""LoRA layers around any Linear (plain or bitsandbytes), their injection into a model, switching and removal.
 
 Names follow PEFT's so adapter files are interchangeable: a targeted `q_proj` becomes a `LoraLinear` whose
 `base_layer` is the original module and whose `lora_A` / `lora_B` are `ModuleDict`s keyed by adapter name; a
 module in `modules_to_save` becomes a `ModulesToSave` holding `original_module` and one trainable copy per adapter.
 The adapters of a model, which one is active and the base values of any bias an adapter trains live in
-`model.lora_adapters` (an `AdapterSet`).
+`model.lora_adapters` (an `AdapterSet`). Folding an adapter into its base weights is `qopt.finetuning.merge`.
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ from torch import nn
 
 from ..errors import AdapterError
 from ..model.network import decoder_layer_index
-from ..quant.modules import config_of, dequantize_weight, is_quantized, quantize_linear
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 ALL_LINEAR = "all-linear"
@@ -181,29 +180,6 @@ class AdapterSet:
     bias_values: dict[str, dict[nn.Parameter, torch.Tensor]] = field(default_factory=dict)  # inactive adapters
 
 
-@dataclass
-class MergeReport:
-    """How far each merged weight is from the exact float sum W + B @ A * scaling (zero for fp32 bases)."""
-
-    adapter: str
-    max_abs_error: dict[str, float] = field(default_factory=dict)
-    rel_error: dict[str, float] = field(default_factory=dict)  # ||merged - exact|| / ||exact|| (Frobenius)
-    quality: Any = None  # a MergeQuality when the merge was measured (qopt.merge_and_unload(measure=True))
-
-    @property
-    def worst_abs_error(self) -> float:
-        return max(self.max_abs_error.values(), default=0.0)
-
-    @property
-    def worst_rel_error(self) -> float:
-        return max(self.rel_error.values(), default=0.0)
-
-    def summary(self) -> str:
-        return (f"merged adapter '{self.adapter}' into {len(self.max_abs_error)} layers: max abs error "
-                f"{self.worst_abs_error:.3g}, max relative error {self.worst_rel_error:.3g} vs the float sum"
-                + (f"\n{self.quality.summary()}" if self.quality is not None else ""))
-
-
 # -- finding modules ----------------------------------------------------------------------------------------
 def task_type_of(model: nn.Module) -> str | None:
     return TASK_TYPES.get(type(model).__name__)
@@ -260,7 +236,7 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
     return ((n, m) for n, m in model.named_modules() if isinstance(m, LoraLinear))
 
 
-def _saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
+def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
     return ((n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSave))
 
 
@@ -279,7 +255,7 @@ def adapter_set(model: nn.Module) -> AdapterSet:
 def bias_parameters(model: nn.Module, config: LoraConfig, adapter_name: str) -> dict[str, nn.Parameter]:
     """The biases an adapter trains and saves, by name: none, all of them, or those of its LoRA layers."""
     if config.bias == "all":
-        saved = [f"{n}." for n, _ in _saved_modules(model)]
+        saved = [f"{n}." for n, _ in saved_modules(model)]
         return {n: p for n, p in model.named_parameters()
                 if n.endswith("bias") and ".lora_" not in n and not any(n.startswith(s) for s in saved)}
     if config.bias == "lora_only":
@@ -335,7 +311,7 @@ def set_adapter(model: nn.Module, adapter_name: str | None) -> None:
     if adapter_name != adapters.active:
         _swap_biases(model, adapters, adapter_name)
     adapters.active = adapter_name
-    for _, module in list(lora_layers(model)) + list(_saved_modules(model)):
+    for _, module in list(lora_layers(model)) + list(saved_modules(model)):
         module.active_adapter = adapter_name
     for p in model.parameters():
         p.requires_grad_(False)
@@ -348,7 +324,7 @@ def set_adapter(model: nn.Module, adapter_name: str | None) -> None:
         if adapter_name in module.lora_A:
             module.lora_A[adapter_name].requires_grad_(True)
             module.lora_B[adapter_name].requires_grad_(True)
-    for _, module in _saved_modules(model):
+    for _, module in saved_modules(model):
         if adapter_name in module.modules_to_save:
             module.modules_to_save[adapter_name].requires_grad_(True)
 
@@ -405,7 +381,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         raise AdapterError(f"no adapter named '{adapter_name}' (have {sorted(adapters.configs)})")
     if adapters.active == adapter_name:
         set_adapter(model, None)
-    for _, module in list(lora_layers(model)) + list(_saved_modules(model)):
+    for _, module in list(lora_layers(model)) + list(saved_modules(model)):
         module.remove_adapter(adapter_name)
     del adapters.configs[adapter_name]
     adapters.bias_values.pop(adapter_name, None)
@@ -417,7 +393,7 @@ def _strip_empty(model: nn.Module) -> None:
     for name, module in list(lora_layers(model)):
         if not module.lora_A:
             _replace(model, name, module.base_layer)
-    for name, module in list(_saved_modules(model)):
+    for name, module in list(saved_modules(model)):
         if not module.modules_to_save:
             _replace(model, name, module.original_module)
     adapters = getattr(model, "lora_adapters", None)
@@ -432,54 +408,6 @@ def unload(model: nn.Module) -> nn.Module:
     for name in list(adapters.configs):
         delete_adapter(model, name)
     return model
-
-
-def merge_and_unload(model: nn.Module, adapter_name: str | None = None) -> MergeReport:
-    """Fold an adapter into the base weights for adapter-free inference and drop all adapters.
-
-    Float bases get W + B @ A * scaling; a quantized base is dequantized, summed in fp32 and quantized again
-    in its own format, so its merged weight carries a rounding error that the report gives per layer.
-    """
-    adapters = adapter_set(model)
-    name = adapter_name or adapters.active
-    if name not in adapters.configs:
-        raise AdapterError(f"no adapter named {name!r} to merge (have {sorted(adapters.configs)})")
-    set_adapter(model, name)
-    report = MergeReport(name)
-    for layer_name, layer in list(lora_layers(model)):
-        if name in layer.lora_A:
-            merged, abs_err, rel_err = merge_linear(layer.base_layer, layer.delta_weight(name))
-            report.max_abs_error[layer_name], report.rel_error[layer_name] = abs_err, rel_err
-            layer.base_layer = merged
-    for _, module in list(_saved_modules(model)):
-        if name in module.modules_to_save:
-            module.original_module = module.modules_to_save[name]
-    adapters.bias_origin.clear()  # the merged adapter's biases stay: they are part of the merged model
-    adapters.active = None
-    for other in list(adapters.configs):
-        delete_adapter(model, other)
-    return report
-
-
-def merge_linear(base: nn.Linear, delta: torch.Tensor) -> tuple[nn.Linear, float, float]:
-    """Add `delta` to a Linear's weight; returns the (new, for quantized) module and its max / relative error."""
-    with torch.no_grad():
-        if is_quantized(base):
-            exact = dequantize_weight(base).float() + delta.to(base.weight.device)
-            plain = nn.Linear(base.in_features, base.out_features, bias=False, device="meta")  # no init work
-            plain.weight = nn.Parameter(exact, requires_grad=False)
-            if base.bias is not None:
-                plain.bias = nn.Parameter(base.bias.detach().float(), requires_grad=False)
-            merged = quantize_linear(plain, config_of(base))
-            merged.train(base.training)
-            achieved = dequantize_weight(merged).float()
-        else:
-            exact = base.weight.float() + delta.to(base.weight.device)
-            base.weight.copy_(exact)
-            merged, achieved = base, base.weight.float()
-        err = achieved - exact
-        rel = (err.norm() / exact.norm().clamp_min(torch.finfo(torch.float32).tiny)).item()
-    return merged, err.abs().max().item(), rel
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
