@@ -133,15 +133,15 @@ def windows():
 
 def test_streaming_keeps_one_float_decoder_layer_and_equals_in_memory(tiny_checkpoint, windows, monkeypatch):
     seen = []
-    original = cal._materialize
+    original = cal.read_tensors
 
-    def spy(model, tensors, source, *rest):
-        original(model, tensors, source, *rest)
+    def spy(model, *rest):
+        original(model, *rest)
         layers = model.model.decoder.layers
         seen.append(sum(1 for layer in layers if any(type(m) is torch.nn.Linear and m.weight.device.type != "meta"
                                                      for m in layer.modules())))
 
-    monkeypatch.setattr(cal, "_materialize", spy)
+    monkeypatch.setattr(cal, "read_tensors", spy)
     streamed, report = calibrate(tiny_checkpoint, windows, progress=False)
     assert max(seen) == 1 and len(seen) == 1 + streamed.config.num_hidden_layers
     in_memory, _ = calibrate(qopt.load(tiny_checkpoint), windows, progress=False)
