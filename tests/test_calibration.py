@@ -151,6 +151,40 @@ def test_streaming_keeps_one_float_decoder_layer_and_equals_in_memory(tiny_check
     assert len(report.modules) == 12 and all(m.calibrated_error <= m.rtn_error for m in report.modules)
 
 
+def _broken_copy(folder, target, change):
+    """`folder` with its one shard rewritten by `change(state)` (the config copied unchanged)."""
+    from safetensors.torch import load_file, save_file
+
+    target.mkdir()
+    (target / "config.json").write_text((folder / "config.json").read_text())
+    state = load_file(folder / "model.safetensors")
+    change(state)
+    save_file(state, target / "model.safetensors", metadata={"format": "pt"})
+    return target
+
+
+@pytest.mark.parametrize("change", [
+    lambda s: s.pop("model.decoder.layers.1.fc1.bias"),  # missing from a decoder layer read later
+    lambda s: s.pop("model.decoder.embed_positions.weight"),  # missing from the skeleton
+    lambda s: s.update({"model.decoder.layers.1.fc2.weight": torch.zeros(64, 127)}),  # mis-shaped
+    lambda s: s.update({"model.decoder.layers.1.fc2.bias": torch.zeros(64, dtype=torch.int32)}),  # not a float
+    lambda s: s.update({"model.decoder.layers.2.fc2.bias": torch.zeros(64)}),  # a layer config.json lacks
+], ids=["missing-layer-tensor", "missing-embedding", "shape", "dtype", "extra-layer"])
+def test_streamed_calibration_refuses_a_bad_checkpoint_in_the_loaders_words(tiny_checkpoint, windows, tmp_path,
+                                                                              change):
+    """Calibration reads through the loader's rules, so it fails where and as `qopt.load` does: one line naming
+    the file and the tensor."""
+    from qopt.errors import CheckpointError
+
+    bad = _broken_copy(tiny_checkpoint, tmp_path / "bad", change)
+    with pytest.raises(CheckpointError) as loaded:
+        qopt.load(bad, progress=False)
+    with pytest.raises(CheckpointError) as calibrated:
+        calibrate(bad, windows, progress=False)
+    assert str(calibrated.value) == str(loaded.value)
+    assert str(bad) in str(calibrated.value) and "model.decoder." in str(calibrated.value)
+
+
 def test_save_after_a_forward_writes_the_calibrated_bytes_unchanged(tiny_checkpoint, windows, tmp_path):
     model, _ = calibrate(tiny_checkpoint, windows, CalibrationConfig(quantization="nf4-dq"), progress=False)
     model.save_pretrained(tmp_path / "before")
