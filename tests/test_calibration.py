@@ -185,6 +185,29 @@ def test_streamed_calibration_refuses_a_bad_checkpoint_in_the_loaders_words(tiny
     assert str(bad) in str(calibrated.value) and "model.decoder." in str(calibrated.value)
 
 
+def test_a_layer_read_opens_only_its_shards_and_fills_only_its_tensors(tiny_checkpoint, tmp_path, monkeypatch):
+    """`read_tensors` (the loader's rules, what calibration reads each layer with): one decoder layer of a sharded
+    checkpoint comes from the shards that hold it, in the dtype asked for; the rest of the model stays on meta."""
+    from qopt.io.checkpoint import inspect_checkpoint
+    from qopt.loading import loader
+    from qopt.loading.saving import save_model
+    from qopt.place.sizes import meta_model
+
+    save_model(qopt.load(tiny_checkpoint, torch_dtype=torch.float16), tmp_path / "sharded", "40KB")
+    files = inspect_checkpoint(tmp_path / "sharded")
+    holding = sorted({info.file for name, info in files.tensors.items() if ".layers.1." in name})
+    assert 1 < len(files.shards) and len(holding) < len(files.shards)
+    opened, original = [], loader.iter_shard_tensors
+    monkeypatch.setattr(loader, "iter_shard_tensors", lambda f, shard, *a, **k: opened.append(shard) or
+                        original(f, shard, *a, **k))
+    model = meta_model(qopt.OPTConfig.from_pretrained(tmp_path / "sharded"), None)
+    loader.read_tensors(model, files, lambda n: n.startswith("model.decoder.layers.1."), torch.float32)
+    assert opened == holding
+    real = {n: p.dtype for n, p in model.named_parameters() if p.device.type != "meta"}
+    assert real and all(n.startswith("model.decoder.layers.1.") for n in real)
+    assert set(real.values()) == {torch.float32} and len(real) == len(list(model.model.decoder.layers[1].parameters()))
+
+
 def test_save_after_a_forward_writes_the_calibrated_bytes_unchanged(tiny_checkpoint, windows, tmp_path):
     model, _ = calibrate(tiny_checkpoint, windows, CalibrationConfig(quantization="nf4-dq"), progress=False)
     model.save_pretrained(tmp_path / "before")
