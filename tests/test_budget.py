@@ -20,6 +20,7 @@ from qopt.cli import main
 from qopt.errors import PlanError
 from qopt.evaluation.compare import stored_precision
 from qopt.io import checkpoint as shards
+from qopt.loading import loader
 from qopt.model.network import build_attention_mask
 from qopt.quant.config import QuantizationConfig
 from qopt.utils import format_bytes
@@ -64,7 +65,7 @@ def no_reads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a weight was read before the budget was checked")
 
-    for module, name in ((cal, "iter_shard_tensors"), (cal, "inspect_checkpoint"), (sens, "calibration_windows"),
+    for module, name in ((loader, "iter_shard_tensors"), (cal, "inspect_checkpoint"), (sens, "calibration_windows"),
                          (sens, "streamed_sensitivity"), (shards, "iter_shard_tensors")):
         monkeypatch.setattr(module, name, refuse)
 
@@ -117,14 +118,14 @@ def reference_layer_errors(folder, windows) -> dict[str, float]:
 
 def test_streamed_pass_matches_the_in_memory_computation_one_float_layer_at_a_time(checkpoint, windows,
                                                                                     monkeypatch):
-    float_layers, original = [], cal._materialize
+    float_layers, original = [], sens.read_tensors
 
-    def spy(model, tensors, source, *rest):
-        original(model, tensors, source, *rest)
+    def spy(model, *rest):
+        original(model, *rest)
         float_layers.append(sum(1 for layer in model.model.decoder.layers
                                 if any(p.device.type != "meta" for p in layer.parameters())))
 
-    monkeypatch.setattr(sens, "_materialize", spy)
+    monkeypatch.setattr(sens, "read_tensors", spy)
     ranking = streamed_sensitivity(checkpoint, windows, "nf4", batch_tokens=48, progress=False)  # 2 windows a batch
     assert float_layers == [1, 1, 1]
     expected = reference_layer_errors(checkpoint, windows)

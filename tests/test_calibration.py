@@ -133,15 +133,15 @@ def windows():
 
 def test_streaming_keeps_one_float_decoder_layer_and_equals_in_memory(tiny_checkpoint, windows, monkeypatch):
     seen = []
-    original = cal._materialize
+    original = cal.read_tensors
 
-    def spy(model, tensors, source, *rest):
-        original(model, tensors, source, *rest)
+    def spy(model, *rest):
+        original(model, *rest)
         layers = model.model.decoder.layers
         seen.append(sum(1 for layer in layers if any(type(m) is torch.nn.Linear and m.weight.device.type != "meta"
                                                      for m in layer.modules())))
 
-    monkeypatch.setattr(cal, "_materialize", spy)
+    monkeypatch.setattr(cal, "read_tensors", spy)
     streamed, report = calibrate(tiny_checkpoint, windows, progress=False)
     assert max(seen) == 1 and len(seen) == 1 + streamed.config.num_hidden_layers
     in_memory, _ = calibrate(qopt.load(tiny_checkpoint), windows, progress=False)
@@ -149,6 +149,63 @@ def test_streaming_keeps_one_float_decoder_layer_and_equals_in_memory(tiny_check
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert len(report.modules) == 12 and all(m.calibrated_error <= m.rtn_error for m in report.modules)
+
+
+def _broken_copy(folder, target, change):
+    """`folder` with its one shard rewritten by `change(state)` (the config copied unchanged)."""
+    from safetensors.torch import load_file, save_file
+
+    target.mkdir()
+    (target / "config.json").write_text((folder / "config.json").read_text())
+    state = load_file(folder / "model.safetensors")
+    change(state)
+    save_file(state, target / "model.safetensors", metadata={"format": "pt"})
+    return target
+
+
+@pytest.mark.parametrize("change", [
+    lambda s: s.pop("model.decoder.layers.1.fc1.bias"),  # missing from a decoder layer read later
+    lambda s: s.pop("model.decoder.embed_positions.weight"),  # missing from the skeleton
+    lambda s: s.update({"model.decoder.layers.1.fc2.weight": torch.zeros(64, 127)}),  # mis-shaped
+    lambda s: s.update({"model.decoder.layers.1.fc2.bias": torch.zeros(64, dtype=torch.int32)}),  # not a float
+    lambda s: s.update({"model.decoder.layers.2.fc2.bias": torch.zeros(64)}),  # a layer config.json lacks
+], ids=["missing-layer-tensor", "missing-embedding", "shape", "dtype", "extra-layer"])
+def test_streamed_calibration_refuses_a_bad_checkpoint_in_the_loaders_words(tiny_checkpoint, windows, tmp_path,
+                                                                              change):
+    """Calibration reads through the loader's rules, so it fails where and as `qopt.load` does: one line naming
+    the file and the tensor."""
+    from qopt.errors import CheckpointError
+
+    bad = _broken_copy(tiny_checkpoint, tmp_path / "bad", change)
+    with pytest.raises(CheckpointError) as loaded:
+        qopt.load(bad, progress=False)
+    with pytest.raises(CheckpointError) as calibrated:
+        calibrate(bad, windows, progress=False)
+    assert str(calibrated.value) == str(loaded.value)
+    assert str(bad) in str(calibrated.value) and "model.decoder." in str(calibrated.value)
+
+
+def test_a_layer_read_opens_only_its_shards_and_fills_only_its_tensors(tiny_checkpoint, tmp_path, monkeypatch):
+    """`read_tensors` (the loader's rules, what calibration reads each layer with): one decoder layer of a sharded
+    checkpoint comes from the shards that hold it, in the dtype asked for; the rest of the model stays on meta."""
+    from qopt.io.checkpoint import inspect_checkpoint
+    from qopt.loading import loader
+    from qopt.loading.saving import save_model
+    from qopt.place.sizes import meta_model
+
+    save_model(qopt.load(tiny_checkpoint, torch_dtype=torch.float16), tmp_path / "sharded", "40KB")
+    files = inspect_checkpoint(tmp_path / "sharded")
+    holding = sorted({info.file for name, info in files.tensors.items() if ".layers.1." in name})
+    assert 1 < len(files.shards) and len(holding) < len(files.shards)
+    opened, original = [], loader.iter_shard_tensors
+    monkeypatch.setattr(loader, "iter_shard_tensors", lambda f, shard, *a, **k: opened.append(shard) or
+                        original(f, shard, *a, **k))
+    model = meta_model(qopt.OPTConfig.from_pretrained(tmp_path / "sharded"), None)
+    loader.read_tensors(model, files, lambda n: n.startswith("model.decoder.layers.1."), torch.float32)
+    assert opened == holding
+    real = {n: p.dtype for n, p in model.named_parameters() if p.device.type != "meta"}
+    assert real and all(n.startswith("model.decoder.layers.1.") for n in real)
+    assert set(real.values()) == {torch.float32} and len(real) == len(list(model.model.decoder.layers[1].parameters()))
 
 
 def test_save_after_a_forward_writes_the_calibrated_bytes_unchanged(tiny_checkpoint, windows, tmp_path):

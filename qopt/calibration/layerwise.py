@@ -14,23 +14,20 @@ import dataclasses
 import gc
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import bitsandbytes as bnb
 import torch
-from accelerate.utils import set_module_tensor_to_device
 from bitsandbytes import functional as bnbf
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..bundled import data_dir
-from ..errors import CheckpointError
-from ..io.checkpoint import CheckpointFiles, inspect_checkpoint, iter_shard_tensors, normalize_key
+from ..io.checkpoint import CheckpointFiles, inspect_checkpoint
 from ..io.hub import checkpoint_folder
 from ..io.outputs import check_output_folder
-from ..loading.loader import AUXILIARY_FILES
+from ..loading.loader import AUXILIARY_FILES, read_tensors
 from ..loading.saving import save_model
 from ..model.config import OPTConfig
 from ..model.network import LAYER_PREFIX, OPTForCausalLM
@@ -149,49 +146,14 @@ class CalibrationReport:
                 else f"calibrated {rounded} linears in {self.seconds:.1f} s")
 
 
-# -- reading one decoder layer at a time ----------------------------------------------------------------------
-class _LayerReader:
-    """Reads the float tensors of one decoder layer from a checkpoint folder, leaving the rest on disk."""
-
-    def __init__(self, files: CheckpointFiles) -> None:
-        self.files = files
-
-    def tensors(self, select: Callable[[str], bool]) -> dict[str, torch.Tensor]:
-        """The tensors whose (model-side) names `select` accepts, keyed by those names."""
-        def wanted(raw: str) -> bool:
-            return select(normalize_key(raw, True))
-
-        # safetensors headers say which shards hold them; .bin shards are memory-mapped and scanned
-        shards = self.files.shards if self.files.format == "bin" else \
-            sorted({info.file for raw, info in self.files.tensors.items() if wanted(raw)})
-        return {normalize_key(raw, True): tensor for shard in shards
-                for raw, tensor in iter_shard_tensors(self.files, shard, wanted)}
-
-
-def _materialize(model: nn.Module, tensors: dict[str, torch.Tensor], source: str,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
-    expected = dict(model.named_parameters())
-    for name, tensor in tensors.items():
-        if name not in expected:
-            continue
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise CheckpointError(f"{source}: tensor '{name}' has shape {list(tensor.shape)}, config.json "
-                                  f"implies {list(expected[name].shape)}")
-        set_module_tensor_to_device(model, name, device, value=tensor, dtype=dtype)
-
-
-def _skeleton(path: Path, dtype: torch.dtype) -> tuple[OPTForCausalLM, _LayerReader]:
-    """The model on meta with everything but the decoder layers read, already in their final `dtype`."""
-    config = OPTConfig.from_pretrained(path)
+# -- reading the checkpoint ----------------------------------------------------------------------------------
+def _skeleton(path: Path, dtype: torch.dtype) -> tuple[OPTForCausalLM, CheckpointFiles]:
+    """The model on meta with everything but the decoder layers read, already in their final `dtype`; each
+    layer is read later (`read_tensors`, the loader's rules) when its turn comes."""
+    model = meta_model(OPTConfig.from_pretrained(path), None)
     files = inspect_checkpoint(path)
-    model = meta_model(config, None)
-    reader = _LayerReader(files)
-    _materialize(model, reader.tensors(lambda n: not n.startswith(LAYER_PREFIX)), str(path), dtype)
-    model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.device.type == "meta" and not n.startswith(LAYER_PREFIX)]
-    if missing:
-        raise CheckpointError(f"{path}: tensors missing from the checkpoint: {', '.join(missing[:5])}")
-    return model, reader
+    read_tensors(model, files, lambda n: not n.startswith(LAYER_PREFIX), dtype)
+    return model, files
 
 
 # -- the layer-by-layer driver --------------------------------------------------------------------------------
@@ -241,11 +203,11 @@ def calibrate(source: str | os.PathLike | OPTForCausalLM, windows: torch.Tensor 
         done = [n for n, m in source.named_modules() if is_quantized(m)]
         if done:
             raise ValueError(f"calibrate needs a float model, but {done[0]} is already quantized")
-        model, reader = source, None
+        model, files = source, None
         _cast_unquantized(model, config.dtype, skip_layers=True)  # as a streamed skeleton has them
         model.model.decoder.layers.float()
     else:
-        model, reader = _skeleton(checkpoint_folder(source, progress=progress), config.dtype)
+        model, files = _skeleton(checkpoint_folder(source, progress=progress), config.dtype)
         model.name_or_path = os.fspath(source)  # a Hub id stays one: adapters check their base by it
     model.eval()
     if windows is None:
@@ -263,9 +225,8 @@ def calibrate(source: str | os.PathLike | OPTForCausalLM, windows: torch.Tensor 
             prefix = f"{LAYER_PREFIX}{i}."
             home = _layer_device(decoder.layers[i], None)
             where = _layer_device(decoder.layers[i], device)
-            if reader is not None:
-                _materialize(model, reader.tensors(lambda n, p=prefix: n.startswith(p)), str(source), torch.float32,
-                             where)
+            if files is not None:
+                read_tensors(model, files, lambda n, p=prefix: n.startswith(p), torch.float32, where)
             layer = decoder.layers[i].to(where)
             hidden, mask = hidden.to(where), mask.to(where)
             spare = spare.to(where)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..errors import PlanError
 from ..io.atomic import atomic_write_text
+from ..loading.loader import read_tensors
 from ..model.config import OPTConfig
 from ..model.network import LAYER_PREFIX, OPTForCausalLM, build_attention_mask
 from ..place.sizes import meta_model, quantized_weight_bytes, sizing_view
@@ -34,7 +35,6 @@ from .layerwise import (
     SEQUENTIAL_GROUPS,
     CalibrationConfig,
     _layer0_inputs,
-    _materialize,
     _release_memory,
     _run_layer,
     _skeleton,
@@ -179,7 +179,7 @@ def streamed_sensitivity(path: str | Path, windows: torch.Tensor, quantization: 
     coincide (docs/design.md).
     """
     grid = grid_for_bits(4, QuantizationConfig.coerce(quantization))
-    model, reader = _skeleton(Path(path), torch.float32)
+    model, files = _skeleton(Path(path), torch.float32)
     model.eval()
     batch = CalibrationConfig(batch_tokens=batch_tokens).windows_per_batch(windows.shape[1])
     hidden, mask = _layer0_inputs(model, windows, batch)
@@ -190,7 +190,7 @@ def streamed_sensitivity(path: str | Path, windows: torch.Tensor, quantization: 
     layers = model.model.decoder.layers
     for i in tqdm(range(len(layers)), desc="Sensitivity", unit="layer", disable=not progress):
         prefix = f"{LAYER_PREFIX}{i}."
-        _materialize(model, reader.tensors(lambda n, p=prefix: n.startswith(p)), str(path))
+        read_tensors(model, files, lambda n, p=prefix: n.startswith(p), torch.float32)
         layer = layers[i]
         scale = float((hidden ** 2).mean())
         _run_layer(layer, hidden, mask, batch, out=output)

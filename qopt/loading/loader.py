@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -135,15 +136,11 @@ def load(path: str | os.PathLike, *, quantization: Any = None, quantization_conf
     check_offloadable(placement)
     offload = _offload_target(model, dtype, placement, offload_folder, path)
     host = HostStore() if "host" in placement.values() else None
-    shard_loader = _ShardLoader(model, files, quant, pre_quantized, dtype, placement, offload, path, host)
+    shard_loader = ShardLoader(model, files, quant, pre_quantized, dtype, placement, offload, path, host)
     try:
         with source.fetch_shards(files) as shards, \
                 tqdm(total=shards.total_bytes, unit="B", unit_scale=True, desc="Loading", disable=not progress) as bar:
-            for shard in shards:
-                bar.set_description(f"Loading {shard.name}")
-                for raw_name, tensor in iter_shard_tensors(files, shard, host_bytes=shard_loader.host_bytes_left):
-                    shard_loader.put(raw_name, tensor, shard)
-                    bar.update(tensor.numel() * tensor.element_size())
+            shard_loader.read(shards, bar)
         shard_loader.finish()
     except BaseException:
         if offload is not None:
@@ -194,25 +191,36 @@ def _offload_target(model: OPTPreTrainedModel, dtype: torch.dtype, placement: De
     return OffloadFolder(tempfile.mkdtemp(prefix="qopt-offload-", dir=folder))
 
 
-class _ShardLoader:
-    """Receives checkpoint tensors in any order and puts each one where it belongs, quantizing on arrival."""
+class ShardLoader:
+    """Receives checkpoint tensors in any order and puts each one where it belongs, quantizing on arrival.
+
+    The one place where a checkpoint's tensors enter a meta model, with one set of rules: key names
+    (`normalize_key`), shapes and float dtypes (checked in the headers first, then per tensor), the dtype of what
+    stays unquantized, decoder layers the config lacks, and which missing tensors are allowed (`finish`: the tied
+    lm_head, new task heads). `select` (a predicate on the model's tensor names) limits all of it to a subset,
+    e.g. one decoder layer: only those tensors are read and only those must be there. A quantized module belongs
+    to the subset when its weight does.
+    """
 
     def __init__(self, model: OPTPreTrainedModel, files: CheckpointFiles, quant: QuantizationConfig | None,
                  pre_quantized: bool, dtype: torch.dtype, placement: DeviceMap, offload: OffloadFolder | None,
-                 path: Path, host: HostStore | None = None) -> None:
+                 path: Path, host: HostStore | None = None, select: Callable[[str], bool] | None = None) -> None:
         self.model, self.files, self.quant, self.pre_quantized = model, files, quant, pre_quantized
         self.dtype, self.placement, self.offload, self.path = dtype, placement, offload, path
         self.stores: dict[str, Any] = {"disk": offload, "host": host}  # where offloaded tensors are put
         self.has_prefix = not isinstance(model, OPTModel)
-        self.quantized = {name: m for name, m in model.named_modules() if is_quantized(m)}
+        self.select = select
+        quantized = {name: m for name, m in model.named_modules() if is_quantized(m)}
+        self.quantized = {name: m for name, m in quantized.items() if select is None or select(f"{name}.weight")}
         self.plain = {name: p for name, p in model.named_parameters()
-                      if owning_module(name, self.quantized) is None}
+                      if owning_module(name, quantized) is None and (select is None or select(name))}
         self.required = {name: self._required_keys(name, m) for name, m in self.quantized.items()}
         self.pending: dict[str, dict[str, Any]] = {}  # quantized layer -> tensors (and quant state) ready so far
         self.arrived: dict[str, set[str]] = {}  # quantized layer -> checkpoint keys seen so far
         self.loaded: set[str] = set()
         # weights this load keeps in host RAM (CPU and host-streamed layers), and how many are there so far
-        self.host_planned = sum(placed_bytes(model, dtype, placement, d) for d in ("cpu", "host"))
+        self.host_planned = sum(placed_bytes(model, dtype, placement, d) for d in ("cpu", "host")) \
+            if select is None else self._subset_host_bytes()
         self.host_placed = 0
         expected = {n: p.shape for n, p in self.plain.items()}
         if not pre_quantized:
@@ -221,6 +229,38 @@ class _ShardLoader:
         check_tensor_shapes(files, expected, lambda raw: normalize_key(raw, self.has_prefix))
         for raw, info in files.tensors.items():  # headers: refuse extra layers before any data is read
             self._check_layer(raw, info.file)
+
+    def wanted(self, raw_name: str) -> bool:
+        """Whether a checkpoint key (the file's name) is one of the tensors this loader reads."""
+        return self.select is None or self.select(normalize_key(raw_name, self.has_prefix))
+
+    def shards(self) -> list[Path]:
+        """The shards holding the selected tensors: safetensors headers say which; .bin shards are all scanned."""
+        if self.select is None or self.files.format == "bin":
+            return list(self.files.shards)
+        return sorted({info.file for raw, info in self.files.tensors.items() if self.wanted(raw)})
+
+    def read(self, shards: Iterable[Path], bar: tqdm | None = None) -> None:
+        """Stream the selected tensors of `shards` (in the order given, each read once) into the model; `bar`
+        counts their bytes. `finish` then checks that nothing selected is missing."""
+        select = None if self.select is None else self.wanted
+        for shard in shards:
+            if bar is not None:
+                bar.set_description(f"Loading {shard.name}")
+            for raw_name, tensor in iter_shard_tensors(self.files, shard, select, host_bytes=self.host_bytes_left):
+                self.put(raw_name, tensor, shard)
+                if bar is not None:
+                    bar.update(tensor.numel() * tensor.element_size())
+
+    def _subset_host_bytes(self) -> int:
+        """What a subset keeps in host RAM: its float tensors in `dtype`, its quantized modules' tensors (no
+        sizing view: that would copy a model whose other weights are already real)."""
+        def on_host(name: str) -> bool:
+            return device_of(name, self.placement) in ("cpu", "host")
+
+        size = torch.empty(0, dtype=self.dtype).element_size()
+        return sum(p.numel() * size for n, p in self.plain.items() if on_host(n)) + \
+            sum(t.numel() * t.element_size() for n, m in self.quantized.items() if on_host(n) for t in m.parameters())
 
     @property
     def host_bytes_left(self) -> int:
@@ -314,6 +354,17 @@ class _ShardLoader:
                                   f"{', '.join(f'{owner}.{k}' for k in missing)}{more}")
         _finish_missing(self.model, self.plain, self.loaded, self.path, self.dtype, self._place)
         self.model.tie_weights()
+
+
+def read_tensors(model: OPTPreTrainedModel, files: CheckpointFiles, select: Callable[[str], bool],
+                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+    """Read the float tensors `select` names (the model's names) into `model`, on `device` in `dtype`, by
+    `load`'s rules (`ShardLoader`): only the shards that hold them are opened, and a selected tensor missing
+    from the checkpoint is an error. What calibration reads a decoder layer at a time with."""
+    loader = ShardLoader(model, files, None, False, dtype, {"": str(torch.device(device))}, None, files.folder,
+                         select=select)
+    loader.read(loader.shards())
+    loader.finish()
 
 
 def _torch_device(device: int | str) -> torch.device:
