@@ -70,8 +70,14 @@ def release_freed_heap(freed: int) -> None:
     one (the first forward about 1.7x slower at 1.3B), hence the threshold: what stays resident is at most that
     much plus one matrix's temporaries. A no-op where the C library has no `malloc_trim`."""
     _FREED[0] += freed
-    if _TRIM is not None and _FREED[0] >= TRIM_EVERY_BYTES:
-        _FREED[0] = 0
+    if _FREED[0] >= TRIM_EVERY_BYTES:
+        trim_heap()
+
+
+def trim_heap() -> None:
+    """`malloc_trim(0)` now: glibc's free heap back to the OS (a no-op elsewhere)."""
+    _FREED[0] = 0
+    if _TRIM is not None:
         _TRIM(0)
 
 

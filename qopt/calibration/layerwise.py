@@ -9,7 +9,6 @@ in float can be calibrated. The result is an ordinary pre-quantized qopt / trans
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import gc
 import os
@@ -36,6 +35,7 @@ from ..place.sizes import meta_model
 from ..quant.config import QuantizationConfig
 from ..quant.gptq import Grid, HessianAccumulator, RoundedWeight, StopForward, gptq_round, output_error
 from ..quant.modules import is_quantized, linear_from_quantized
+from ..utils import trim_heap
 
 # linears that read the same input, in the order the data reaches them inside a decoder layer
 SEQUENTIAL_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.out_proj",),
@@ -357,10 +357,7 @@ def _release_memory() -> None:
     """Hand the freed float layer back to the OS: glibc keeps freed arenas, so a streamed model's RSS would
     otherwise creep up layer after layer."""
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    trim_heap()
 
 
 def _cast_unquantized(module: nn.Module, dtype: torch.dtype, skip_layers: bool = False) -> None:
