@@ -247,7 +247,7 @@ def main() -> None:
     try:
         for key in (("30b", "66b") if args.shape == "both" else (args.shape,)):
             results[key] = run_shape(key, args.quick, set(args.parts), work, args.seed, log)
-            results[key]["checks"] = summarize(results[key])
+            results[key].update(machine=results["machine"], checks=summarize(results[key]))  # shapes run apart
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(results, indent=2, default=str) + "\n")
     finally:
