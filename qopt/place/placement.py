@@ -9,7 +9,7 @@ that fits, so a plan's verdict and a load's map are the same computation.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -98,6 +98,7 @@ class Placement:
     kv_dtype: torch.dtype | None = None
     activation_bytes: int = 0  # on every device that computes
     in_flight_bytes: int = 0  # on the main GPU when layers stream from host RAM
+    read_buffer_bytes: dict[str, int] = field(default_factory=dict)  # disk layers in flight, per device
     cpu_layout: bool = False  # 4-bit layers carry the CPU kernel's layout (a CPU-only map on an AVX512-BF16 CPU)
     packed_head_bytes: int = 0  # the output head's oneDNN copy, kept on the CPU by generate
 
@@ -108,7 +109,8 @@ def place(model: nn.Module, dtype: torch.dtype, device_map: Any = "auto", max_me
     """Where each module goes. A given map or single device is taken as is; a strategy is planned with
     `max_memory`, each decoder layer carrying its KV cache, activations kept free on the devices that compute,
     and the main device (first in `max_memory`) holding the caches of the layers it computes for disk or host
-    RAM, retried with that reserve until it is enough (the reserve only grows, so this ends)."""
+    RAM, host RAM the disk layers being read (`_read_buffers`), retried with that reserve until it is enough
+    (the reserve only grows, so this ends)."""
     if device_map not in STRATEGIES:
         placed = infer_device_map(model, dtype, device_map)
         return Placement(host_placement(placed, source) if stream_from_host else placed)
@@ -123,23 +125,44 @@ def place(model: nn.Module, dtype: torch.dtype, device_map: Any = "auto", max_me
                        packed_head_bytes=packed_head_bytes(model, dtype) if on_cpu and budget else 0)
     main = next((k for k in memory if k != "disk"), None)
     host = stream_from_host and isinstance(main, int)
+    layer_bytes = compute_module_sizes(sizing_view(model, dtype), dtype=dtype).get(f"{LAYER_PREFIX}0", 0)
+    buffered = layer_bytes if budget else 0  # without a budget nothing is reserved, as in transformers
     if host:  # every layer's cache and the layers in flight live on the main GPU: reserved before placing
-        layer_bytes = compute_module_sizes(sizing_view(model, dtype), dtype=dtype).get(f"{LAYER_PREFIX}0", 0)
         result.in_flight_bytes = (1 + DEFAULT_PREFETCH_DEPTH) * layer_bytes
-        reserve = result.in_flight_bytes + config.num_hidden_layers * kv_layer
+        reserve = {main: result.in_flight_bytes + config.num_hidden_layers * kv_layer}
     else:
-        reserve = result.packed_head_bytes
+        reserve = {main: result.packed_head_bytes}
     while True:
-        limits = memory if main is None else {**memory, main: max(0, memory[main] - reserve)}
+        limits = {k: v if k == "disk" else max(0, v - reserve.get(k, 0)) for k, v in memory.items()}
         placed = infer_device_map(model, dtype, device_map, limits, 0 if host else kv_layer, act, result.cpu_layout)
         if stream_from_host:
             placed = host_placement(placed, source)  # no GPU: the one-line error
         if host:
             break
-        needed = result.packed_head_bytes + \
-            kv_layer * sum(1 for name, dev in placed.items() if dev == "disk" and is_decoder_layer(name))
-        if needed <= reserve:
+        needed = _disk_reserve(placed, main, kv_layer, buffered, result.packed_head_bytes)
+        if all(v <= reserve.get(k, 0) for k, v in needed.items()):
             break
-        reserve = needed
+        reserve = {k: max(reserve.get(k, 0), needed.get(k, 0)) for k in {*reserve, *needed}}
+    result.read_buffer_bytes = _read_buffers(placed, main, buffered)
     result.device_map = placed
     return result
+
+
+def _read_buffers(placed: DeviceMap, main: Any, layer_bytes: int) -> dict[Any, int]:
+    """Disk layers in flight beyond the one computing: the prefetcher reads DEFAULT_PREFETCH_DEPTH layers ahead
+    into host RAM. (The one computing sits in the largest-layer margin accelerate keeps free on the main
+    devices whatever the map.)"""
+    if not layer_bytes or not any(dev == "disk" and is_decoder_layer(name) for name, dev in placed.items()):
+        return {}
+    return {"cpu": DEFAULT_PREFETCH_DEPTH * layer_bytes}
+
+
+def _disk_reserve(placed: DeviceMap, main: Any, kv_layer: int, layer_bytes: int, packed_head: int
+                  ) -> dict[Any, int]:
+    """What a map with disk layers needs kept free beside its weights: their KV caches and the packed head on the
+    main device, and their read buffers. Re-placing with it only moves layers down, so the loop above ends."""
+    disk = sum(1 for name, dev in placed.items() if dev == "disk" and is_decoder_layer(name))
+    needed = {main: packed_head + kv_layer * disk}
+    for dev, size in _read_buffers(placed, main, layer_bytes).items():
+        needed[dev] = needed.get(dev, 0) + size
+    return needed

@@ -90,6 +90,7 @@ class MemoryPlan:
     read_bandwidth: float | None = None  # bytes/s of the disk under the offload folder, for time estimates
     bandwidth_source: str = ""  # how it was obtained ("measured in /tmp", "given")
     stream_buffer_bytes: int = 0  # on the main GPU: host layers brought in at once (the one computing + prefetch)
+    read_buffer_bytes: dict[str, int] = field(default_factory=dict)  # disk layers read ahead into CPU RAM
     kv_dtype: torch.dtype | None = None  # float32 where the whole model computes on the CPU
     cpu_layout_bytes: int = 0  # on the CPU: the bf16 absmax copies of the 4-bit layers' CPU kernel layout
     packed_head_bytes: int = 0  # on the CPU: the output head's oneDNN copy that generate keeps
@@ -111,7 +112,8 @@ class MemoryPlan:
             (self.activation_bytes if runs else 0)
         if device == "cpu":
             used += self.weight_bytes.get("host", 0) + self.cpu_layout_bytes + self.packed_head_bytes
-        return used + (self.stream_buffer_bytes if device == self.main_device else 0)
+        return used + (self.stream_buffer_bytes if device == self.main_device else 0) + \
+            self.read_buffer_bytes.get(device, 0)
 
     @property
     def fits(self) -> bool:
@@ -188,6 +190,10 @@ class MemoryPlan:
             lines.append(f"cpu also holds (in its total): {format_bytes(self.cpu_layout_bytes)} of CPU kernel layout "
                          f"(bf16 absmax beside the saved statistics), {format_bytes(self.packed_head_bytes)} of "
                          f"packed output head (kept by generate)")
+        if self.read_buffer_bytes:
+            lines.append("disk layers read ahead (in the totals): " + ", ".join(
+                f"{format_bytes(size)} on {dev}" for dev, size in self.read_buffer_bytes.items()) +
+                " (the layer computing uses the one-layer margin kept free on the main devices)")
         lines.append("device map: " + "; ".join(summarize(self.device_map)))
         lines += self.disk_read_lines() + self.host_copy_lines()
         over = [dev for dev, limit in self.limits.items() if self.used_bytes(dev) > limit]
@@ -264,6 +270,7 @@ def plan(source: OPTConfig | str | os.PathLike, bits: int = 4, max_memory: dict[
             result.kv_cache_bytes[kv_dev] = result.kv_cache_bytes.get(kv_dev, 0) + \
                 layers * placement.kv_bytes_per_layer
     result.stream_buffer_bytes = placement.in_flight_bytes if "host" in device_map.values() else 0
+    result.read_buffer_bytes = {str(k): v for k, v in placement.read_buffer_bytes.items()}
     if placement.cpu_layout:
         result.cpu_layout_bytes = sum(cpu_layout_bytes(m) for n, m in model.named_modules()
                                       if is_quantized(m) and device_of(n, device_map) == "cpu")
