@@ -207,3 +207,19 @@ def test_qopt_eval_places_the_plan_for_scoring(checkpoint, tmp_path, caplog):
                          "auto", "--max-memory", f"cpu={budget}", "--offload-folder", str(tmp_path / "offload")]) == 0
     placed = next(r.getMessage() for r in caplog.records if "placement:" in r.getMessage())
     assert placed.endswith("placement: " + "; ".join(summarize(scoring.device_map)))
+
+
+def test_disk_layers_read_ahead_are_reserved_in_the_cpus_ram(checkpoint, tmp_path):
+    """A CPU computing disk layers holds the ones the prefetcher read ahead beside its weights: the plan keeps
+    DEFAULT_PREFETCH_DEPTH layers' bytes free in its budget, the depth the layer-major runner reads with."""
+    from qopt.loading.layer_runner import LayerRunner
+    from qopt.place.sizes import DEFAULT_PREFETCH_DEPTH
+
+    result = plan(checkpoint, 4, {"cpu": _fitting_budget(checkpoint, 2) - MIB}, context=96, batch=2)
+    disk = _layers_on(result.device_map, "disk")
+    assert disk and result.read_buffer_bytes == {"cpu": DEFAULT_PREFETCH_DEPTH * result.weight_bytes["disk"]
+                                                 // len(disk)}
+    assert "disk layers read ahead (in the totals)" in result.format()
+    model = qopt.load(checkpoint, quantization="nf4", device_map=result, offload_folder=tmp_path, progress=False)
+    assert LayerRunner(model).depth == DEFAULT_PREFETCH_DEPTH
+    assert not plan(checkpoint, 4, {"cpu": "1GiB"}, context=96).read_buffer_bytes  # nothing on disk, nothing kept

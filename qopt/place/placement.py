@@ -149,10 +149,12 @@ def place(model: nn.Module, dtype: torch.dtype, device_map: Any = "auto", max_me
 
 
 def _read_buffers(placed: DeviceMap, main: Any, layer_bytes: int) -> dict[Any, int]:
-    """Disk layers in flight beyond the one computing: the prefetcher reads DEFAULT_PREFETCH_DEPTH layers ahead
-    into host RAM. (The one computing sits in the largest-layer margin accelerate keeps free on the main
-    devices whatever the map.)"""
-    if not layer_bytes or not any(dev == "disk" and is_decoder_layer(name) for name, dev in placed.items()):
+    """Disk layers in flight beyond the one computing where the CPU computes them: the prefetcher reads
+    DEFAULT_PREFETCH_DEPTH layers ahead into the RAM the CPU's budget shares. (The one computing sits in the
+    largest-layer margin accelerate keeps free on the main devices whatever the map.) With a GPU computing, the
+    CPU budget is what weights may take there (`--cpu 0`: none), so the read-ahead is not charged to it."""
+    if not layer_bytes or main != "cpu" or \
+            not any(dev == "disk" and is_decoder_layer(name) for name, dev in placed.items()):
         return {}
     return {"cpu": DEFAULT_PREFETCH_DEPTH * layer_bytes}
 
