@@ -241,10 +241,20 @@ def hub() -> str:
                    "peak extra disk (kept / not kept)"], rows)
 
 
+# -- scale ---------------------------------------------------------------------------------------------------------
+def scale() -> str:
+    """OPT-30B / OPT-66B at their real size: the checks evals/bench_scale.py stored with each run."""
+    sys.path.insert(0, str(ROOT / "evals"))
+    from scale_report import table
+
+    data = _json("bench_scale.json")
+    return table(data) if data else NYM
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "precision-gate": precision_gate, "precision-full": precision_full, "decode": decode, "load": load,
     "offload-eval": offload_eval, "offload-generate": offload_generate, "offload-step": offload_step,
-    "finetune": finetune, "hub": hub}
+    "finetune": finetune, "hub": hub, "scale": scale}
 MARKER = re.compile(r"(<!-- table: ([\w-]+) -->\n)((?:(?!<!-- table:).)*?)(<!-- /table -->)", re.S)
 
 
