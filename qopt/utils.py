@@ -64,11 +64,11 @@ TRIM_EVERY_BYTES = 256 << 20  # freed temporaries glibc may keep before they go 
 def release_freed_heap(freed: int) -> None:
     """Count `freed` bytes of temporaries just released and hand glibc's free heap back to the OS
     (`malloc_trim`) once TRIM_EVERY_BYTES have gathered. Matrix-sized temporaries below glibc's mmap threshold
-    come from its heap and stay resident after they are freed: the CPU repack of every 4-bit layer at a model's
-    first forward left about 25x the layout's own bytes resident (+0.9 GiB for +36 MiB at the OPT-1.3B shape,
-    +4.6 GiB at OPT-30B), which no plan counts. Trimming after every matrix would cost page faults on each next
-    one (the first forward about 1.7x slower at 1.3B), hence the threshold: what stays resident is at most that
-    much plus one matrix's temporaries. A no-op where the C library has no `malloc_trim`."""
+    come from its heap and stay resident after they are freed, so the CPU repack of every 4-bit layer at a
+    model's first forward would leave many times the layout's own bytes resident, which no plan counts
+    (docs/benchmarks.md, "Figures behind library defaults"). Trimming after every matrix would cost page faults
+    on each next one, hence the threshold: what stays resident is at most that much plus one matrix's
+    temporaries. A no-op where the C library has no `malloc_trim`."""
     _FREED[0] += freed
     if _FREED[0] >= TRIM_EVERY_BYTES:
         trim_heap()

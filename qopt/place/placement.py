@@ -98,7 +98,7 @@ class Placement:
     kv_dtype: torch.dtype | None = None
     activation_bytes: int = 0  # on every device that computes
     in_flight_bytes: int = 0  # on the main GPU when layers stream from host RAM
-    read_buffer_bytes: dict[str, int] = field(default_factory=dict)  # disk layers in flight, per device
+    read_buffer_bytes: dict[str, int] = field(default_factory=dict)  # disk layers read ahead, per device
     cpu_layout: bool = False  # 4-bit layers carry the CPU kernel's layout (a CPU-only map on an AVX512-BF16 CPU)
     packed_head_bytes: int = 0  # the output head's oneDNN copy, kept on the CPU by generate
 

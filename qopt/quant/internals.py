@@ -85,8 +85,8 @@ def pack_for_cpu(weight: torch.Tensor, state: bnbf.QuantState, block_n: int = 32
     of `block_n` rows and pair of columns, byte m holds the code of row m // 2 (low nibble) and of row
     block_n // 2 + m // 2 (high nibble), column m % 2 of the pair. A standard byte already holds a row's pair of
     columns (first code in the high nibble), so the nibbles are regrouped byte-wise and the 2-byte results moved
-    as int16 units: no unpacked copy of the codes, about 3x faster than unpacking them first and 6x faster than
-    bitsandbytes' int32 route (tested equal)."""
+    as int16 units: no unpacked copy of the codes and no int32 copy of the matrix as in bitsandbytes' route
+    (tested equal; timings in docs/benchmarks.md, "Figures behind library defaults")."""
     n, k = state.shape
     if weight.dtype != torch.uint8:
         state.original_storage_type = weight.dtype
