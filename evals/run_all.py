@@ -54,6 +54,7 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     seconds: dict[str, float] = {}
+    failed: dict[str, int] = {}
     for name in args.only or BENCHMARKS:
         command = BENCHMARKS[name][1 if args.quick else 0]
         if not command:
@@ -63,13 +64,18 @@ def main() -> None:
         began = time.time()
         done = subprocess.run([sys.executable, *command], cwd=ROOT, env=env)
         seconds[name] = round(time.time() - began, 1)
-        if done.returncode:
-            sys.exit(f"run_all: {name} failed with exit status {done.returncode} after {seconds[name]:.0f} s")
-        print(f"== {name}: {seconds[name]:.0f} s", flush=True)
-    write("run_all", args.quick, record, started, results_path("run_all", args.quick), seconds=seconds)
+        if done.returncode:  # the others still run: an hour of results is not thrown away for one failure
+            failed[name] = done.returncode
+            print(f"== {name}: FAILED with exit status {done.returncode} after {seconds[name]:.0f} s", flush=True)
+        else:
+            print(f"== {name}: {seconds[name]:.0f} s", flush=True)
+    write("run_all", args.quick, record, started, results_path("run_all", args.quick), seconds=seconds,
+          failed=failed)
     print(f"all benchmarks: {time.time() - started:.0f} s", flush=True)
     if not args.quick:
         subprocess.run([sys.executable, "evals/render_tables.py", "--write"], cwd=ROOT, env=env, check=True)
+    if failed:
+        sys.exit("run_all: failed: " + ", ".join(f"{name} (exit status {code})" for name, code in failed.items()))
 
 
 if __name__ == "__main__":
