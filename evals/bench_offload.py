@@ -194,7 +194,7 @@ def child_generate(which: str, folder: str, offload: str, prompts: int, new: int
     elif which == "single":
         outputs = [qopt.generate(model, torch.tensor([r]), max_new_tokens=new, eos_token_id=[])[0]
                    for r in rows[:count]]
-        generated = sum(len(o) - len(r) for o, r in zip(outputs, rows, strict=True))
+        generated = sum(len(o) - len(r) for o, r in zip(outputs, rows[:count], strict=True))
     else:
         width = max(len(r) for r in rows)
         ids = torch.tensor([[1] * (width - len(r)) + r for r in rows])
