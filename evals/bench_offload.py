@@ -214,19 +214,19 @@ def child_step(folder: str, offload: str, steps: int, repeats: int) -> dict:
     import statistics
 
     import qopt
-    from qopt.place import streaming
+    from qopt.loading import layer_runner
 
     model = load_qopt(folder, offload)
     rows = prompt_ids(1)
     qopt.generate_many(model, rows, max_new_tokens=1, eos_token_id=[])  # CPU layout written
     streamers = []
-    run = streaming.LayerRunner.run
+    run = layer_runner.LayerRunner.run
 
     def recorded(self, *args, **kwargs):
         streamers.append(self)
         return run(self, *args, **kwargs)
 
-    streaming.LayerRunner.run = recorded
+    layer_runner.LayerRunner.run = recorded
     times: dict[bool, list[float]] = {True: [], False: []}
     waits: dict[bool, list[float]] = {True: [], False: []}
     for _ in range(repeats):
