@@ -28,7 +28,7 @@ demo: install  ## the main job: full precision vs int8 vs 4-bit on the bundled m
 	$(VENV)/bin/qopt eval --compare --windows 16
 
 # QUICK=1: every benchmark end to end on small shapes in minutes, into evals/results/quick/ (never the committed JSONs)
-bench: install  ## every benchmark (an estimated 2-2.5 h on a quiet 2-core machine), then docs/benchmarks.md re-rendered
+bench: install  ## every benchmark (about 2 h on a quiet 2-core machine), then docs/benchmarks.md re-rendered
 	$(PY) evals/run_all.py $(if $(filter 1,$(QUICK)),--quick,)
 
 # NO_INSTALL=1: the python on PATH with what it has (BNB_PATH=DIR puts a bitsandbytes copy first on PYTHONPATH)
