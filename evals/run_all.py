@@ -4,12 +4,12 @@
     python evals/run_all.py --quick         # small shapes, one round: evals/results/quick/*.json (git-ignored)
     python evals/run_all.py --only decode load
 
-A full run takes about 2 hours on 2 CPU cores (run_all.json records each benchmark's time) and needs an otherwise
-quiet machine (timings are medians of interleaved runs, but two benchmarks, or a benchmark and a test suite, running
-side by side measure each other): run it alone. Each benchmark runs in its own process, one torch thread
-(OMP_NUM_THREADS=1), and writes its JSON with the machine's record (evals/results_meta.py); the time each took goes
-into run_all.json beside them. A full run ends by re-rendering the tables of docs/benchmarks.md from the new JSONs
-(evals/render_tables.py); a quick run never touches the committed JSONs or the docs.
+A full run takes about 2 hours on 2 CPU cores and needs an otherwise quiet machine (timings are medians of
+interleaved runs, but two benchmarks, or a benchmark and a test suite, running side by side measure each other): run
+it alone. Each benchmark runs in its own process, one torch thread (OMP_NUM_THREADS=1), and writes its JSON with the
+machine's record (evals/results_meta.py); the time each took goes into run_all.json beside them. A full run ends by
+re-rendering the tables of docs/benchmarks.md from the new JSONs (evals/render_tables.py); a quick run never touches
+the committed JSONs or the docs.
 """
 from __future__ import annotations
 

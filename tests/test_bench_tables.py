@@ -29,13 +29,17 @@ def test_a_figure_edited_by_hand_is_caught():
     assert render_tables.differences(edited) == ["finetune"]
 
 
-def test_a_changed_json_changes_its_table(tmp_path, monkeypatch):
+def _replace_json(monkeypatch, name: str, data) -> None:
+    """render_tables reads `data` in place of results/NAME (None: as if the file were absent)."""
+    original = render_tables._json
+    monkeypatch.setattr(render_tables, "_json", lambda wanted, folder=render_tables.RESULTS:
+                        data if wanted == name else original(wanted, folder))
+
+
+def test_a_changed_json_changes_its_table(monkeypatch):
     data = json.loads((render_tables.RESULTS / "bench_finetune_125m.json").read_text())
     data["medians"]["ours"]["step_s"] *= 2
-    (tmp_path / "bench_finetune_125m.json").write_text(json.dumps(data))
-    original = render_tables._json
-    monkeypatch.setattr(render_tables, "_json", lambda name, folder=render_tables.RESULTS:
-                        original(name, tmp_path if name == "bench_finetune_125m.json" else folder))
+    _replace_json(monkeypatch, "bench_finetune_125m.json", data)
     assert render_tables.differences(render_tables.DOC.read_text()) == ["finetune"]
 
 
@@ -52,9 +56,7 @@ def test_the_committed_tables_come_from_a_full_run():
 
 @pytest.mark.parametrize("name", ["bench_decode.json", "bench_load.json", "bench_offload.json"])
 def test_a_table_without_a_full_run_says_not_yet_measured(name, monkeypatch):
-    original = render_tables._json
-    monkeypatch.setattr(render_tables, "_json", lambda wanted, folder=render_tables.RESULTS:
-                        None if wanted == name else original(wanted, folder))
+    _replace_json(monkeypatch, name, None)
     table = {"bench_decode.json": render_tables.decode, "bench_load.json": render_tables.load,
              "bench_offload.json": render_tables.offload_generate}[name]()
     assert render_tables.NYM in table
